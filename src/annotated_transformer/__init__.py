@@ -4,4 +4,4 @@
 
 __version__ = "0.1.0"
 
-from .weighted_average import weighted_average  # noqa: F401
+from .weighted_average import weighted_average, parameter_free_attention, QKVProjection  # noqa: F401

@@ -1,0 +1,154 @@
+"""The book's spine: src/ matches the notebooks, pairs are in sync, the runner reports and fails well."""
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import nb
+from annotated_transformer import runtime
+
+ROOT = nb.ROOT
+
+
+def test_src_is_what_the_notebooks_export():
+    assert nb.export_differences() == [], "run `python tools/nb.py export` and commit src/"
+
+
+def test_every_py_chapter_has_an_ipynb_pair_with_the_same_cells():
+    assert nb.pair_differences() == [], "run `python tools/nb.py sync` (or `store`) after editing a .py"
+
+
+def test_toc_lists_every_chapter_once():
+    listed = nb.chapters()
+    on_disk = sorted((ROOT / "notebooks").glob("*.py"))
+    assert len(listed) == len(set(listed))
+    assert sorted(listed) == on_disk
+
+
+@pytest.mark.parametrize("src", sorted((ROOT / "notebooks").glob("*.py")), ids=lambda p: p.stem)
+def test_chapter_has_papermill_parameters(src):
+    cells = nb.read(src).cells
+    tagged = [c for c in cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, f"{src.name} needs exactly one cell tagged 'parameters'"
+    for name in ("device", "profile", "seed"):
+        assert re.search(rf"^{name}\s*=", tagged[0].source, re.M), f"{src.name}'s parameters cell lacks {name}"
+    # The pair keeps the tag too (papermill reads the .ipynb).
+    pair = nb.read(src.with_suffix(".ipynb")).cells
+    assert any("parameters" in c.metadata.get("tags", []) for c in pair)
+
+
+@pytest.mark.parametrize("src", sorted((ROOT / "notebooks").glob("*.py")), ids=lambda p: p.stem)
+def test_stored_outputs_come_from_a_real_run(src):
+    """nbval only compares cells with stored execution counts: every code cell must have one."""
+    cells = nb.read(src.with_suffix(".ipynb")).cells
+    missing = [i for i, c in enumerate(cells) if c.cell_type == "code" and c.get("execution_count") is None]
+    assert not missing, f"{src.stem}.ipynb cells {missing} were never executed: run `python tools/nb.py store {src.stem}`"
+
+
+def test_generated_modules_name_their_notebook():
+    for path, text in nb.render_exports().items():
+        first = text.splitlines()[0]
+        assert first.startswith(nb.GENERATED_MARK), path
+        if path.name != "__init__.py":
+            source = first.split(" from ", 1)[1]
+            assert (ROOT / source).exists(), f"{path.name} names {source}, which does not exist"
+
+
+def test_exporter_rejects_export_without_default(tmp_path, monkeypatch):
+    bad = tmp_path / "99_bad.py"
+    bad.write_text("# %%\n#| export\nx = 1\n")
+    with pytest.raises(SystemExit, match="without a '#| default_exp'"):
+        nb.exports_of(bad)
+
+
+def test_public_api_is_importable():
+    import annotated_transformer as at
+
+    for path, text in nb.render_exports().items():
+        if path.name == "__init__.py":
+            continue
+        names = re.search(r"^__all__ = (\[.*?\])$", text, re.M).group(1)
+        for name in eval(names):  # the list literal the exporter wrote
+            assert hasattr(at, name), f"annotated_transformer.{name} is not exposed"
+
+
+def run_tool(*args, timeout=300):
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "nb.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_runner_executes_with_parameters_and_writes_a_report(tmp_path):
+    proc = run_tool("run", "tests/fixtures/tiny_ok.py", "--profile", "full", "--device", "cpu", "--seed", "7",
+                    "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "tiny_ok.json").read_text())
+    assert report["ok"] is True
+    assert (report["profile"], report["device"], report["seed"]) == ("full", "cpu", 7)
+    assert report["torch"] == torch.__version__
+    assert report["wall_s"] > 0 and report["peak_rss_mib"] > 50  # the kernel imported torch
+    executed = nb.read(tmp_path / "tiny_ok.ipynb")
+    outputs = "".join(o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.outputs)
+    assert "full cpu 7" in outputs
+
+
+def test_runner_names_the_failing_chapter_and_cell(tmp_path):
+    proc = run_tool("run", "tests/fixtures/tiny_fail.py", "--device", "cpu", "--out", str(tmp_path))
+    assert proc.returncode != 0
+    assert "FAILED: chapter tests/fixtures/tiny_fail.py, cell" in proc.stderr
+    assert "raise ValueError" in proc.stderr and "on purpose" in proc.stderr
+    report = json.loads((tmp_path / "tiny_fail.json").read_text())
+    assert report["ok"] is False and report["error"]["ename"] == "ValueError"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_runner_refuses_cuda_without_a_gpu(tmp_path):
+    proc = run_tool("run", "tests/fixtures/tiny_ok.py", "--device", "cuda", "--out", str(tmp_path))
+    assert proc.returncode != 0
+    assert "sees no CUDA GPU" in proc.stderr + proc.stdout
+    assert not (tmp_path / "tiny_ok.json").exists()
+
+
+def test_runner_rejects_unknown_chapter():
+    proc = run_tool("run", "no_such_chapter")
+    assert proc.returncode != 0 and "no chapter matches 'no_such_chapter'" in proc.stderr
+
+
+@pytest.mark.parametrize("bad, error", [("tpu", ValueError), (3, TypeError)])
+def test_resolve_device_rejects_bad_names(bad, error):
+    with pytest.raises(error, match="device"):
+        runtime.resolve_device(bad)
+
+
+def test_setup_checks_profile_and_seed():
+    assert runtime.setup("cpu", "quick", 0).type == "cpu"
+    with pytest.raises(ValueError, match="profile must be one of"):
+        runtime.setup("cpu", "fast", 0)
+    with pytest.raises(ValueError, match="seed must be"):
+        runtime.setup("cpu", "quick", -1)
+
+
+def test_seed_everything_repeats():
+    runtime.seed_everything(3)
+    a = torch.rand(4)
+    runtime.seed_everything(3)
+    assert torch.equal(a, torch.rand(4))
+
+
+def test_install_paths_pin_the_same_torch():
+    setup = (ROOT / "scripts" / "setup").read_text()
+    default = re.search(r'TORCH_SPEC="\$\{TORCH_SPEC:-(torch==[\d.]+)\}"', setup).group(1)
+    env = (ROOT / "environment.yml").read_text()
+    assert f"{default}+cpu" in env, "environment.yml pins another torch than scripts/setup"
+    assert "-e .[book,test]" in env
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert '"torch>=' in pyproject  # a range the pinned build satisfies: pip installs nothing more
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    assert "scripts/test" in readme and "scripts/book" in readme
+    assert re.search(r"^exec scripts/test$", (ROOT / ".ci" / "run").read_text(), re.M)
