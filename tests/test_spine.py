@@ -98,7 +98,8 @@ def test_runner_executes_with_parameters_and_writes_a_report(tmp_path):
 def test_runner_names_the_failing_chapter_and_cell(tmp_path):
     proc = run_tool("run", "tests/fixtures/tiny_fail.py", "--device", "cpu", "--out", str(tmp_path))
     assert proc.returncode != 0
-    assert "FAILED: chapter tests/fixtures/tiny_fail.py, cell" in proc.stderr
+    # The third cell of the fixture's source raises (parameters, x = 1, raise).
+    assert "FAILED: chapter tests/fixtures/tiny_fail.py, cell 3 of 3" in proc.stderr
     assert "raise ValueError" in proc.stderr and "on purpose" in proc.stderr
     report = json.loads((tmp_path / "tiny_fail.json").read_text())
     assert report["ok"] is False and report["error"]["ename"] == "ValueError"

@@ -304,11 +304,18 @@ def run_one(src: Path, out_dir: Path, params: dict) -> dict:
         )
         report["ok"] = True
     except pm.PapermillExecutionError as err:
-        cells = nbformat.read(executed, as_version=4).cells
-        cell = cells[err.cell_index] if err.cell_index < len(cells) else None
-        first = cell.source.strip().splitlines()[0] if cell is not None and cell.source.strip() else ""
+        # Papermill adds cells (injected parameters, an error banner): count only the chapter's own.
+        added = {"injected-parameters", "papermill-error-cell-tag"}
+        own = [c for c in nbformat.read(executed, as_version=4).cells
+               if not added & set(c.metadata.get("tags", []))]
+        failing = [i for i, c in enumerate(own)
+                   if any(o.get("output_type") == "error" for o in c.get("outputs", []))]
+        index = failing[0] if failing else None
+        source = own[index].source.strip() if index is not None else ""
+        first = source.splitlines()[0] if source else ""
         report["error"] = {
-            "cell_index": err.cell_index,
+            "cell": index + 1 if index is not None else None,  # 1-based, in the chapter's source
+            "cells": len(own),
             "execution_count": err.exec_count,
             "cell_first_line": first,
             "ename": err.ename,
@@ -366,7 +373,7 @@ def cmd_run(args) -> int:
         if not report["ok"]:
             bar.close()
             e = report.get("error", {})
-            print(f"\nFAILED: chapter {report['chapter']}, cell {e.get('cell_index', '?')} "
+            print(f"\nFAILED: chapter {report['chapter']}, cell {e.get('cell', '?')} of {e.get('cells', '?')} "
                   f"(execution count {e.get('execution_count', '?')}, first line: {e.get('cell_first_line', '')!r})\n"
                   f"  {e.get('ename', 'error')}: {e.get('evalue', 'see above')}\n"
                   f"  the executed notebook with the traceback: {out / (src.stem + '.ipynb')}", file=sys.stderr)
