@@ -1,0 +1,912 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Training: label smoothing, the Noam schedule, batches of tokens, and a first task
+#
+# The notes say what layer normalisation and residual connections are *for*:
+#
+# > "Stabilizes training of model by avoiding exploding or vanishing gradient prob. → Faster
+# > convergence." (the notes, on layer normalisation)
+#
+# > "Skip connection → Better gradient flow → Reduced burden on layers" (the notes, on residual connections)
+#
+# Both are claims about *training*, and the notes never train anything. This chapter does: it builds
+# the three pieces of the paper's recipe that are not the model (section 5 of
+# {cite}`vaswani2017attention`: label smoothing, the warm-up learning-rate schedule, batches
+# measured in tokens), a training loop with the plumbing a real run needs (gradient clipping,
+# gradient accumulation, mixed precision on a GPU, checkpoints that resume exactly, several
+# processes), and then trains the model of [the previous chapter](07_the_transformer.ipynb) on the
+# classic first check, copying a random sequence, and on reversing one.
+
+# %% tags=["parameters"]
+device = "auto"   # auto | cpu | cuda  (papermill parameter)
+profile = "quick"  # quick (CI, about a minute on 2 cores) | full (the published results)
+seed = 0
+
+# %%
+#| default_exp train
+from annotated_transformer.runtime import setup
+
+device = setup(device, profile, seed)
+
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import matplotlib.pyplot as plt
+import torch
+
+print("device:", device, "| profile:", profile)
+
+# %%
+#| export
+import argparse
+import contextlib
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from annotated_transformer.model import Transformer, make_masks, make_model
+
+# %% [markdown]
+# ## 1. A batch: the shifted target and its masks
+#
+# The decoder is trained by *teacher forcing*: it is given the correct target, shifted right by one
+# position (it starts with `<s>`), and asked to predict the target itself at every position at once.
+# The causal mask of [the previous chapter](07_the_transformer.ipynb) is what stops position $i$ from
+# reading token $i$. A `Batch` holds the source, the decoder's input `tgt_in = tgt[:, :-1]`, the
+# labels `tgt_y = tgt[:, 1:]`, both masks, and the number of real (non-padding) label tokens, which is
+# what the loss is averaged over.
+#
+# Token ids follow the data chapter's convention: `<pad>` = 0, `<s>` = 1, `</s>` = 2.
+
+# %%
+#| export
+class Batch:
+    """A padded (src, tgt) pair of id tensors ready for teacher forcing.
+
+    tgt_in = tgt[:, :-1] (starts with <s>) is the decoder input, tgt_y = tgt[:, 1:] the labels;
+    ntokens counts the non-padding labels (what the loss is averaged over).
+    """
+
+    def __init__(self, src: torch.Tensor, tgt: torch.Tensor, pad_idx: int = 0):
+        if src.dim() != 2 or tgt.dim() != 2 or src.size(0) != tgt.size(0):
+            raise ValueError(f"src and tgt must be (batch, len) with one batch size, got {tuple(src.shape)} and {tuple(tgt.shape)}")
+        if tgt.size(1) < 2:
+            raise ValueError(f"tgt needs at least <s> and one token, got length {tgt.size(1)}")
+        self.src, self.tgt, self.pad_idx = src, tgt, pad_idx
+        self.tgt_in, self.tgt_y = tgt[:, :-1], tgt[:, 1:]                       # (batch, tgt_len - 1)
+        self.src_mask, self.tgt_mask = make_masks(src, self.tgt_in, pad_idx)    # (b,1,1,S), (b,1,T,T)
+        self.ntokens = int((self.tgt_y != pad_idx).sum())
+
+    def to(self, device) -> "Batch":
+        return Batch(self.src.to(device), self.tgt.to(device), self.pad_idx)
+
+    def __len__(self) -> int:
+        return self.src.size(0)
+
+# %% [markdown]
+# ## 2. Label smoothing, in the KL form
+#
+# The paper, section 5.4: "During training, we employed label smoothing of value
+# $\epsilon_{ls} = 0.1$ {cite}`szegedy2016rethinking`. This hurts perplexity, as the model learns to be
+# more unsure, but improves accuracy and BLEU score."
+#
+# Instead of a one-hot target, the model is trained towards a distribution $q$ that puts
+# $1 - \epsilon$ on the correct token and spreads $\epsilon$ evenly over the $V - 2$ tokens that are
+# neither the correct one nor padding (padding is never a right answer). The loss is the
+# Kullback–Leibler divergence from $q$ to the model's $p$, summed over the real target tokens:
+#
+# $$\mathcal L = \sum_{t\,:\,y_t \neq \text{pad}} \mathrm{KL}(q_t \,\|\, p_t) = \sum_t \sum_v q_{t,v} \big(\log q_{t,v} - \log p_{t,v}\big).$$
+#
+# It differs from the cross-entropy $-\sum_v q_{t,v}\log p_{t,v}$ by the constant entropy of $q$, so
+# the gradients are the same; the KL form has the nicer property that a perfect model scores 0.
+# With $\epsilon = 0$ it *is* the usual negative log-likelihood. Zeros in $q$ are fine: PyTorch's
+# `kl_div` uses the convention $0 \log 0 = 0$, so no $\log 0$ is ever evaluated.
+
+# %%
+#| export
+class LabelSmoothing(nn.Module):
+    """Label-smoothed loss in KL form (paper, section 5.4), summed over non-padding targets.
+
+    The target distribution q puts 1 - smoothing on the correct token and smoothing / (size - 2) on
+    every other token except padding; targets equal to padding_idx contribute nothing.
+    """
+
+    def __init__(self, size: int, padding_idx: int, smoothing: float = 0.0):
+        super().__init__()
+        if size < 3:
+            raise ValueError(f"size (the vocabulary) must be at least 3, got {size}")
+        if not 0 <= padding_idx < size:
+            raise ValueError(f"padding_idx={padding_idx} is outside a vocabulary of {size}")
+        if not 0.0 <= smoothing < 1.0:
+            raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
+        self.size, self.padding_idx, self.smoothing = size, padding_idx, smoothing
+        self.confidence = 1.0 - smoothing
+
+    def target_distribution(self, target: torch.Tensor) -> torch.Tensor:
+        # target (n,) ids -> q (n, size)
+        q = torch.full((target.numel(), self.size), self.smoothing / (self.size - 2), device=target.device)
+        q.scatter_(1, target.reshape(-1, 1), self.confidence)
+        q[:, self.padding_idx] = 0.0
+        q[target.reshape(-1) == self.padding_idx] = 0.0
+        return q
+
+    def forward(self, logp: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        # logp (..., size) log-probabilities, target (...) ids -> scalar: KL summed over real tokens
+        if logp.size(-1) != self.size:
+            raise ValueError(f"log-probabilities have {logp.size(-1)} classes but the loss was built for {self.size}")
+        if logp.shape[:-1] != target.shape:
+            raise ValueError(f"log-probabilities {tuple(logp.shape)} do not match targets {tuple(target.shape)}")
+        if target.numel() and (int(target.min()) < 0 or int(target.max()) >= self.size):
+            raise ValueError(f"target ids must lie in [0, {self.size}), got {int(target.min())}..{int(target.max())}")
+        q = self.target_distribution(target.reshape(-1))
+        return nn.functional.kl_div(logp.reshape(-1, self.size).float(), q, reduction="sum")
+
+# %% [markdown]
+# What the smoothed targets look like for five labels in a vocabulary of 8 (the last label is
+# padding), and what the loss rewards: the right panel scores a model that puts probability $p$ on
+# the correct token and spreads $1-p$ evenly over the rest. Without smoothing the loss keeps falling
+# until $p = 1$, an infinitely confident model; with smoothing it has its minimum at $p = 1 - \epsilon$
+# and *penalises* over-confidence.
+
+# %%
+V_demo, eps_demo = 8, 0.1
+crit = LabelSmoothing(V_demo, padding_idx=0, smoothing=eps_demo)
+labels = torch.tensor([2, 1, 5, 7, 0])
+q = crit.target_distribution(labels)
+
+ps = torch.linspace(0.02, 0.995, 200)
+
+
+def loss_at(p, smoothing):
+    logp = torch.full((1, V_demo), ((1 - p) / (V_demo - 1)).item()).log()
+    logp[0, 3] = math.log(p)
+    return LabelSmoothing(V_demo, 0, smoothing)(logp, torch.tensor([3])).item()
+
+
+curves = {e: torch.tensor([loss_at(p, e) for p in ps]) for e in (0.0, 0.1, 0.3)}
+assert torch.isfinite(q).all() and all(torch.isfinite(c).all() for c in curves.values())
+
+fig, (a0, a1) = plt.subplots(1, 2, figsize=(10, 3.2))
+im = a0.imshow(q, cmap="viridis", vmin=0, vmax=1)
+a0.set_xlabel("vocabulary id"); a0.set_ylabel("label"); a0.set_yticks(range(5), [f"y={int(y)}" for y in labels])
+a0.set_title(f"smoothed targets q (eps={eps_demo}, pad=0)")
+fig.colorbar(im, ax=a0)
+for e, c in curves.items():
+    a1.plot(ps, c, label=f"eps={e}")
+a1.set_xlabel("model's probability on the correct token"); a1.set_ylabel("loss (KL)")
+a1.set_ylim(0, 3); a1.legend(); a1.set_title("the loss a model's confidence earns")
+plt.tight_layout(); plt.show()
+
+# %% tags=["nbval-check-output"]
+print("q rows sum to:", [round(s, 6) for s in q.sum(1).tolist()], "(the padding label's row is all zero)")
+for e, c in curves.items():
+    print(f"eps={e}: the loss is smallest at p = {ps[c.argmin()]:.2f}")
+logp = torch.log_softmax(torch.randn(6, V_demo), -1)
+y = torch.tensor([3, 0, 5, 1, 0, 7])
+print("eps=0 equals nll_loss(sum, ignore pad):",
+      torch.allclose(LabelSmoothing(V_demo, 0, 0.0)(logp, y), nn.functional.nll_loss(logp, y, ignore_index=0, reduction="sum")))
+
+# %% [markdown]
+# ## 3. The Noam learning-rate schedule
+#
+# Section 5.3 of the paper: Adam with $\beta_1 = 0.9$, $\beta_2 = 0.98$, $\epsilon = 10^{-9}$ and
+#
+# $$\text{lrate} = d_\text{model}^{-0.5} \cdot \min\left(\text{step}^{-0.5},\ \text{step} \cdot \text{warmup\_steps}^{-1.5}\right),$$
+#
+# with warmup_steps = 4000: a linear warm-up, then decay as the inverse square root of the step.
+# The two branches meet at step = warmup, where the rate peaks at
+# $(d_\text{model} \cdot \text{warmup})^{-1/2}$. The $d_\text{model}^{-0.5}$ factor gives wider models
+# smaller steps. The warm-up is not decoration: with post-LN, the gradients of the last layers are
+# large at initialisation, and full-size Adam steps then can wreck the model {cite}`xiong2020layer`.
+#
+# `noam_rate(step, d_model, warmup, factor)` is the formula (steps count from 1). `NoamSchedule` is the
+# same thing as a multiplier for `torch.optim.lr_scheduler.LambdaLR`, which calls its function with
+# 0 before the first step; with the optimizer's `lr=1.0` the scheduler's rate is the learning rate.
+# It is a small class rather than a lambda so that `LambdaLR.state_dict()` saves it in checkpoints.
+
+# %%
+#| export
+def noam_rate(step: int, d_model: int, warmup: int = 4000, factor: float = 1.0) -> float:
+    """factor * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5), step counting from 1 (paper, 5.3)."""
+    if step < 1:
+        raise ValueError(f"step counts from 1, got {step}")
+    if warmup < 1 or d_model < 1:
+        raise ValueError(f"warmup and d_model must be positive, got warmup={warmup}, d_model={d_model}")
+    return factor * d_model ** -0.5 * min(step ** -0.5, step * warmup ** -1.5)
+
+
+class NoamSchedule:
+    """The Noam rate as a LambdaLR multiplier: LambdaLR(opt(lr=1.0), NoamSchedule(d_model, warmup))."""
+
+    def __init__(self, d_model: int, warmup: int = 4000, factor: float = 1.0):
+        noam_rate(1, d_model, warmup, factor)  # validates the arguments
+        self.d_model, self.warmup, self.factor = d_model, warmup, factor
+
+    def __call__(self, step: int) -> float:
+        return noam_rate(step + 1, self.d_model, self.warmup, self.factor)  # LambdaLR counts from 0
+
+# %%
+steps = torch.arange(1, 20001)
+settings = [(512, 4000), (512, 8000), (256, 4000), (1024, 4000)]
+fig, ax = plt.subplots(figsize=(7, 3.2))
+for d_model_, warmup_ in settings:
+    ax.plot(steps, [noam_rate(int(s), d_model_, warmup_) for s in steps], label=f"d_model={d_model_}, warmup={warmup_}")
+ax.set_xlabel("step"); ax.set_ylabel("learning rate"); ax.legend(); ax.set_title("the Noam schedule")
+plt.tight_layout(); plt.show()
+
+# %% tags=["nbval-check-output"]
+for d_model_, warmup_ in settings:
+    rates = [noam_rate(int(s), d_model_, warmup_) for s in steps]
+    top = max(range(len(rates)), key=rates.__getitem__)
+    print(f"d_model={d_model_:4d} warmup={warmup_}: peak {rates[top]:.2e} at step {top + 1}, "
+          f"(d_model*warmup)^-1/2 = {(d_model_ * warmup_) ** -0.5:.2e}")
+opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=1.0)
+sched = torch.optim.lr_scheduler.LambdaLR(opt, NoamSchedule(512, 4000))
+print("LambdaLR's rate before the first step equals noam_rate(1):", opt.param_groups[0]["lr"] == noam_rate(1, 512, 4000))
+
+# %% [markdown]
+# ## 4. Batches measured in tokens
+#
+# Section 5.1: "Sentence pairs were batched together by approximate sequence length. Each training
+# batch contained a set of sentence pairs containing approximately 25000 source tokens and 25000
+# target tokens." Two ideas: a batch is a *token* budget, not a sentence count (so a batch of short
+# sentences holds more of them), and sentences of similar length go together (so little of the
+# batch is padding).
+#
+# `batch_by_tokens(lengths, max_tokens)` sorts the examples by length (ties broken at random when
+# `shuffle`), fills each batch while its *padded* size, longest length × number of sentences, stays
+# within `max_tokens`, and shuffles the order of the batches. For a translation pair, pass the
+# longer of source and target length as its length. An example longer than the budget cannot go
+# anywhere, and is an error that names it.
+
+# %%
+#| export
+def batch_by_tokens(lengths, max_tokens: int, shuffle: bool = True, seed: int = 0) -> list[list[int]]:
+    """Group example indices into length-bucketed batches whose padded size max_len * n <= max_tokens.
+
+    Sorted by length (ties broken at random when shuffle), filled greedily, batch order shuffled
+    when shuffle; the same seed gives the same batches.
+    """
+    lengths = [int(n) for n in lengths]
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+    if any(n < 1 for n in lengths):
+        raise ValueError(f"every length must be positive, got {min(lengths)}")
+    too_long = [i for i, n in enumerate(lengths) if n > max_tokens]
+    if too_long:
+        i = too_long[0]
+        raise ValueError(f"example {i} has length {lengths[i]} > max_tokens={max_tokens} "
+                         f"({len(too_long)} example(s) too long): raise the budget or filter them out")
+    g = torch.Generator().manual_seed(seed)
+    tiebreak = torch.randperm(len(lengths), generator=g).tolist() if shuffle else list(range(len(lengths)))
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], tiebreak[i]))
+    batches, current, longest = [], [], 0
+    for i in order:
+        if current and max(longest, lengths[i]) * (len(current) + 1) > max_tokens:
+            batches.append(current)
+            current, longest = [], 0
+        current.append(i)
+        longest = max(longest, lengths[i])
+    if current:
+        batches.append(current)
+    if shuffle:
+        batches = [batches[j] for j in torch.randperm(len(batches), generator=g).tolist()]
+    return batches
+
+# %% [markdown]
+# On 5000 made-up sentence lengths spread like real ones (most between 5 and 25 tokens, a long
+# tail), with a budget of 1000 tokens per batch, compared with batches of random sentences of
+# the same average count:
+
+# %% tags=["nbval-check-output"]
+g = torch.Generator().manual_seed(seed)
+lengths = (torch.distributions.Gamma(4.0, 0.3).sample((5000,)) + 1).round().clamp(max=120).int().tolist()
+bucketed = batch_by_tokens(lengths, max_tokens=1000, seed=seed)
+per_batch = round(len(lengths) / len(bucketed))
+perm = torch.randperm(len(lengths), generator=g).tolist()
+random_batches = [perm[i:i + per_batch] for i in range(0, len(perm), per_batch)]
+
+
+def padding_share(batches):
+    padded = sum(max(lengths[i] for i in b) * len(b) for b in batches)
+    return 1 - sum(lengths) / padded
+
+
+print(f"{len(bucketed)} bucketed batches, {min(map(len, bucketed))}..{max(map(len, bucketed))} sentences each; "
+      f"largest padded size {max(max(lengths[i] for i in b) * len(b) for b in bucketed)} <= 1000")
+print(f"padding: bucketed {padding_share(bucketed):.1%}  vs  random batches of {per_batch}: {padding_share(random_batches):.1%}")
+print("every example exactly once:", sorted(i for b in bucketed for i in b) == list(range(len(lengths))))
+
+# %% [markdown]
+# ## 5. The training loop
+#
+# `fit(model, get_batch, cfg)` runs `cfg.steps` optimizer steps. Its data comes from a function
+# `get_batch(step, micro)` that returns the `Batch` for a given step (and micro-batch), so the data
+# stream is a pure function of the step number: resuming at step $s$ needs no saved data-loader
+# state. Each step:
+#
+# 1. seeds the random generator from `(seed, step, rank)`, so dropout at step $s$ is the same
+#    whether or not the run was interrupted before it;
+# 2. fetches `cfg.accum` micro-batches and counts their label tokens (over all processes);
+# 3. runs forward and backward on each micro-batch, with the summed loss divided by the *step's*
+#    total token count, so that accumulating $k$ micro-batches gives exactly the gradient of one
+#    batch $k$ times as large (dividing by $k$ instead would weigh a short micro-batch's tokens more);
+# 4. clips the gradient norm (`cfg.clip`), steps Adam, then steps the Noam scheduler, once per
+#    optimizer step, not per micro-batch;
+# 5. logs the loss per token, the learning rate and the tokens per second, and every
+#    `cfg.ckpt_every` steps writes a checkpoint.
+#
+# **Mixed precision** (`cfg.amp`, CUDA only): the forward pass runs under `torch.autocast` in
+# bfloat16 where the GPU has it, float16 with a `GradScaler` otherwise {cite}`micikevicius2018mixed`;
+# the log-softmax and the loss stay in float32.
+#
+# **Checkpoints** hold the model, Adam's moments, the scheduler, the step, the history, and a
+# *fingerprint* of the configuration: the model's `config` from `make_model`, the training
+# hyperparameters (not the run length), and a description of the data. A checkpoint is written to a
+# temporary file and renamed over the old one (`os.replace` is atomic), so a crash mid-write leaves
+# the previous checkpoint intact. Resuming from a checkpoint whose fingerprint differs is refused,
+# with the differences listed: silently continuing a run with, say, another `d_model` or another
+# label smoothing is the kind of mistake that wastes a week.
+#
+# **Several processes** (`torch.distributed` initialised, e.g. by `torchrun`): the model is wrapped
+# in `DistributedDataParallel` {cite}`li2020pytorch`, which averages gradients over processes. Each
+# process's loss is multiplied by the number of processes and divided by the token count of the
+# whole *global* step, so that the average is again the per-token gradient of the combined batch.
+
+# %%
+#| export
+_RUN_ONLY = ("steps", "log_every", "ckpt_every")  # run-length and reporting: may change on resume
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters of fit(). Defaults follow the paper where it has one (Adam betas/eps, smoothing)."""
+
+    steps: int = 1000            # optimizer steps to reach
+    warmup: int = 4000           # Noam warm-up steps
+    factor: float = 1.0          # Noam multiplier
+    betas: tuple = (0.9, 0.98)   # Adam (paper, 5.3)
+    adam_eps: float = 1e-9
+    smoothing: float = 0.1       # label smoothing (paper, 5.4)
+    clip: float = 1.0            # max gradient norm; 0 = no clipping
+    accum: int = 1               # micro-batches per optimizer step
+    amp: bool = False            # autocast + (for float16) GradScaler; CUDA only
+    pad_idx: int = 0
+    seed: int = 0
+    log_every: int = 50
+    ckpt_every: int = 0          # 0 = only at the end (when a checkpoint path is given)
+
+    def fingerprint(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k not in _RUN_ONLY}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+def save_checkpoint(path, model: nn.Module, optimizer, scheduler, step: int, fingerprint: dict,
+                    history=(), scaler=None) -> Path:
+    """Write a checkpoint atomically: to a temporary file in the same folder, then os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "format": "annotated_transformer.train/1", "step": step, "fingerprint": fingerprint,
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None, "history": list(history),
+    }
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: readers see the old checkpoint or the new one, never half of one
+    return path
+
+
+def load_checkpoint(path, model: nn.Module, optimizer=None, scheduler=None, scaler=None,
+                    fingerprint: dict | None = None) -> dict:
+    """Load a checkpoint into model (and optimizer, scheduler, scaler); refuse another configuration."""
+    device = next(model.parameters()).device
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # truncated or corrupt: torch raises assorted errors that do not name the file
+        raise ValueError(f"{path} is not a readable checkpoint (truncated or corrupt?): "
+                         f"{type(err).__name__}: {err}") from err
+    if not isinstance(state, dict) or state.get("format") != "annotated_transformer.train/1":
+        raise ValueError(f"{path} is not a checkpoint written by annotated_transformer.train.save_checkpoint")
+    if fingerprint is not None:
+        theirs, ours = _flatten(state["fingerprint"]), _flatten(fingerprint)
+        diff = [f"{k}: checkpoint has {theirs.get(k, '(missing)')!r}, this run has {ours.get(k, '(missing)')!r}"
+                for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
+        if diff:
+            raise ValueError(f"checkpoint {path} was saved by another configuration; refusing to resume:\n  "
+                             + "\n  ".join(diff))
+    model.load_state_dict(state["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state["scaler"] is not None:
+        scaler.load_state_dict(state["scaler"])
+    return state
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def fit(model: Transformer, get_batch: Callable[[int, int], Batch], cfg: TrainConfig, *, device="cpu",
+        ckpt_path=None, resume: bool = False, data_config: dict | None = None,
+        on_step: Callable[[int, dict], bool] | None = None, progress: bool = True) -> list[dict]:
+    """Train for cfg.steps optimizer steps; return the history, one dict per step.
+
+    get_batch(step, micro) -> this process's Batch for that step and micro-batch (a pure function of
+    its arguments, so runs resume exactly). With torch.distributed initialised the model is wrapped in
+    DistributedDataParallel. on_step(step, record) may return True to stop early (it must decide the
+    same on every process). With ckpt_path, checkpoints are written every cfg.ckpt_every steps and at
+    the end; resume=True continues from ckpt_path if it exists, refusing another configuration.
+    """
+    device = torch.device(device)
+    rank, world = _world()
+    if cfg.amp and device.type != "cuda":
+        raise ValueError(f"amp=True needs a CUDA device, got device={device}")
+    if cfg.accum < 1 or cfg.steps < 0:
+        raise ValueError(f"accum must be >= 1 and steps >= 0, got accum={cfg.accum}, steps={cfg.steps}")
+    model.to(device)
+    net = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    vocab = model.generator.proj.out_features
+    criterion = LabelSmoothing(vocab, cfg.pad_idx, cfg.smoothing)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1.0, betas=tuple(cfg.betas), eps=cfg.adam_eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, NoamSchedule(model.src_embed.d_model, cfg.warmup, cfg.factor))
+    amp_dtype = torch.float32
+    if cfg.amp:
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and amp_dtype == torch.float16)
+    fingerprint = {"model": dict(getattr(model, "config", {})), "train": cfg.fingerprint(), "data": dict(data_config or {})}
+
+    start, history = 0, []
+    if resume and ckpt_path is not None and Path(ckpt_path).exists():
+        state = load_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, fingerprint)
+        start, history = state["step"], list(state["history"])
+
+    def checkpoint(step):
+        if rank == 0:
+            save_checkpoint(ckpt_path, model, optimizer, scheduler, step, fingerprint, history, scaler)
+        if world > 1:
+            dist.barrier()
+
+    net.train()
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress or rank != 0,
+               mininterval=2.0, unit="step", dynamic_ncols=True)
+    step = start
+    for step in bar:
+        t0 = time.perf_counter()
+        torch.manual_seed(hash((cfg.seed, step, rank)) & (2**63 - 1))  # dropout: a function of the step
+        micro = [get_batch(step, m).to(device) for m in range(cfg.accum)]
+        ntok = torch.tensor(float(sum(b.ntokens for b in micro)), device=device)
+        if world > 1:
+            dist.all_reduce(ntok)
+        if ntok.item() == 0:
+            raise ValueError(f"step {step}: the batch has no non-padding target tokens")
+        loss_sum = torch.zeros((), device=device)
+        for m, b in enumerate(micro):
+            last = m == len(micro) - 1
+            with (contextlib.nullcontext() if world == 1 or last else net.no_sync()):
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.amp):
+                    logp = net(b.src, b.tgt_in, b.src_mask, b.tgt_mask)       # (batch, T, vocab)
+                loss = criterion(logp, b.tgt_y)                               # summed over tokens
+                scaler.scale(loss * world / ntok).backward()
+            loss_sum += loss.detach()
+        if cfg.clip:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        lr = optimizer.param_groups[0]["lr"]
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()  # once per optimizer step, however many micro-batches
+        if world > 1:
+            dist.all_reduce(loss_sum)
+        seconds = time.perf_counter() - t0
+        record = {"step": step + 1, "loss": loss_sum.item() / ntok.item(), "lr": lr,
+                  "tokens": int(ntok.item()), "tokens_per_s": ntok.item() / seconds}
+        if not math.isfinite(record["loss"]):  # stop before a checkpoint saves the damage
+            raise FloatingPointError(f"the training loss is {record['loss']} at step {step + 1}: NaN/inf in the "
+                                     "inputs or weights, or a learning rate too high (try a lower factor or clip)")
+        history.append(record)
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            recent = history[-cfg.log_every:]
+            rate = sum(r["tokens"] for r in recent) / sum(r["tokens"] / r["tokens_per_s"] for r in recent)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}", refresh=False)
+        if ckpt_path is not None and cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0:
+            checkpoint(step + 1)
+        if on_step is not None and on_step(step + 1, record):
+            break
+    bar.close()
+    if ckpt_path is not None and history and (not cfg.ckpt_every or history[-1]["step"] % cfg.ckpt_every):
+        checkpoint(history[-1]["step"])
+    model.eval()
+    return history
+
+# %% [markdown]
+# ## 6. The copy task
+#
+# The classic first check of a sequence-to-sequence model {cite}`rush2018annotated`: the source is a
+# random sequence of symbols, the target is the same sequence. A model that cannot learn this has a
+# bug (a wrong mask, a wrong shift, a broken loss); a model that can has at least learned to move
+# information from the encoder to the right decoder position through cross-attention.
+#
+# The data: symbols drawn uniformly from ids 3..`vocab`−1, lengths uniform in
+# `min_len`..`max_len`, the source ending in `</s>`, the target `<s>` + sequence + `</s>`, padded.
+# `synthetic_batches` returns a `get_batch(step, micro)` for `fit`: every call draws a fresh batch from
+# a generator seeded by `(seed, step, micro)`, identical on every process, of which each process takes
+# its share of rows. Held-out sequences come from a generator no training step uses.
+#
+# **Exact match.** A sequence counts as correct when the model's most likely token is right at
+# *every* target position, under teacher forcing. That is the same as greedy decoding reproducing it
+# exactly: if every teacher-forced prediction is right, greedy decoding never leaves the correct
+# prefix, so it emits the target token by token and stops at its `</s>`; conversely, if greedy
+# decoding emits the target, each of its choices was the teacher-forced prediction for that
+# (correct) prefix. One batched forward pass therefore measures what the [decoding
+# chapter](09_decoding.ipynb) measures token by token (and it checks the two agree).
+
+# %%
+#| export
+def synthetic_pairs(task: str, n: int, vocab: int, min_len: int, max_len: int, generator: torch.Generator,
+                    pad_idx: int = 0, bos_idx: int = 1, eos_idx: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """n random sequences x of symbols 3..vocab-1 and targets f(x): src = x </s>, tgt = <s> f(x) </s>.
+
+    task: "copy" (f(x) = x), "reverse" (x backwards) or "sort" (x in ascending order). Padded with pad_idx.
+    """
+    if task not in ("copy", "reverse", "sort"):
+        raise ValueError(f"task must be 'copy', 'reverse' or 'sort', got {task!r}")
+    if vocab < 4:
+        raise ValueError(f"vocab must leave room for symbols after <pad>, <s>, </s>: got {vocab}")
+    if not 1 <= min_len <= max_len:
+        raise ValueError(f"need 1 <= min_len <= max_len, got min_len={min_len}, max_len={max_len}")
+    lengths = torch.randint(min_len, max_len + 1, (n,), generator=generator)           # (n,)
+    x = torch.randint(3, vocab, (n, max_len), generator=generator)                     # (n, max_len)
+    pos = torch.arange(max_len)
+    real = pos[None, :] < lengths[:, None]                                             # (n, max_len)
+    if task == "copy":
+        y = x.clone()
+    elif task == "reverse":
+        idx = (lengths[:, None] - 1 - pos[None, :]).clamp(min=0)
+        y = x.gather(1, idx)
+    else:
+        y = x.masked_fill(~real, vocab).sort(dim=1).values
+    x, y = x.masked_fill(~real, pad_idx), y.masked_fill(~real, pad_idx)
+    rows = torch.arange(n)
+    src = torch.cat([x, torch.full((n, 1), pad_idx)], 1)
+    src[rows, lengths] = eos_idx                                                       # x </s>
+    tgt = torch.cat([torch.full((n, 1), bos_idx), y, torch.full((n, 1), pad_idx)], 1)
+    tgt[rows, lengths + 1] = eos_idx                                                   # <s> f(x) </s>
+    return src, tgt
+
+
+def synthetic_batches(task: str, vocab: int, batch_size: int, min_len: int, max_len: int, seed: int = 0,
+                      rank: int = 0, world_size: int = 1, pad_idx: int = 0) -> Callable[[int, int], Batch]:
+    """get_batch(step, micro) for fit(): a fresh global batch per (step, micro), this process's rows of it."""
+    if batch_size % world_size:
+        raise ValueError(f"batch_size={batch_size} is not divisible by world_size={world_size}")
+    per = batch_size // world_size
+
+    def get_batch(step: int, micro: int = 0) -> Batch:
+        g = torch.Generator().manual_seed(hash((seed, step, micro)) & (2**63 - 1))
+        src, tgt = synthetic_pairs(task, batch_size, vocab, min_len, max_len, g, pad_idx=pad_idx)
+        return Batch(src[rank * per:(rank + 1) * per], tgt[rank * per:(rank + 1) * per], pad_idx)
+
+    return get_batch
+
+
+def heldout_batch(task: str, vocab: int, n: int, min_len: int, max_len: int, seed: int = 0, pad_idx: int = 0) -> Batch:
+    """n evaluation sequences from a generator that no training step of synthetic_batches uses."""
+    g = torch.Generator().manual_seed(hash((seed, -1, -1)) & (2**63 - 1))  # training steps are >= 0
+    return Batch(*synthetic_pairs(task, n, vocab, min_len, max_len, g, pad_idx=pad_idx), pad_idx)
+
+
+@torch.no_grad()
+def exact_match(model: Transformer, batch: Batch) -> float:
+    """Fraction of sequences whose every label is the model's argmax under teacher forcing.
+
+    Equal to the exact-match rate of greedy decoding (argued in the training chapter, measured in the
+    decoding chapter).
+    """
+    was_training = model.training
+    model.eval()
+    pred = model(batch.src, batch.tgt_in, batch.src_mask, batch.tgt_mask).argmax(-1)   # (batch, T)
+    ok = ((pred == batch.tgt_y) | (batch.tgt_y == batch.pad_idx)).all(dim=1)
+    model.train(was_training)
+    return ok.float().mean().item()
+
+# %% [markdown]
+# One batch of the copy task and of the reversal task, as ids:
+
+# %% tags=["nbval-check-output"]
+g = torch.Generator().manual_seed(seed)
+for task in ("copy", "reverse"):
+    src_, tgt_ = synthetic_pairs(task, 2, vocab=13, min_len=3, max_len=6, generator=g)
+    print(task, "src", src_.tolist(), "tgt", tgt_.tolist())
+
+# %% [markdown]
+# The model: the paper's architecture at toy size (post-LN, ReLU), a vocabulary of 10 symbols plus
+# the three specials, 64 sequences a step. The quick profile (what this page shows, sized to run in
+# well under a minute on one core) uses one layer of each kind, $d_\text{model} = 64$, and sequences
+# of 1 to 6 symbols; the full profile two layers and sequences of up to 10. The paper's
+# $\epsilon_{ls} = 0.1$ is kept; the Noam warm-up is shortened to match the short run. Dropout is
+# off: every step draws fresh random sequences, so the model never sees a training example twice and
+# there is nothing to overfit (dropout would only slow it down). Every `eval_every` steps the model
+# is evaluated on 500 held-out sequences, and training stops at the first evaluation with 100%
+# exact match.
+
+# %%
+TASK = dict(vocab=13, min_len=1, max_len={"quick": 6, "full": 10}[profile])
+MODEL = dict(N={"quick": 1, "full": 2}[profile], d_model=64, d_ff=128, h=4, dropout=0.0)
+batch_size, eval_every = 64, 25
+max_steps = {"quick": 1500, "full": 4000}[profile]
+cfg = TrainConfig(steps=max_steps, warmup=100, factor=1.0, smoothing=0.1, clip=1.0, seed=seed, log_every=25)
+
+
+def train_until_exact(task, norm_first=False, cfg=cfg, progress=True):
+    torch.manual_seed(seed)
+    model = make_model(TASK["vocab"], TASK["vocab"], **MODEL, norm_first=norm_first)
+    heldout = heldout_batch(task, n=500, seed=seed, **TASK).to(device)
+    evals = []
+
+    def on_step(step, record):
+        if step % eval_every:
+            return False
+        evals.append((step, exact_match(model, heldout)))
+        return evals[-1][1] == 1.0
+
+    t0 = time.perf_counter()
+    history = fit(model, synthetic_batches(task, batch_size=batch_size, seed=seed, **TASK), cfg, device=device,
+                  on_step=on_step, progress=progress)
+    return model, history, evals, time.perf_counter() - t0
+
+
+copy_model, copy_hist, copy_evals, copy_seconds = train_until_exact("copy")
+copy_steps = copy_evals[-1][0] if copy_evals and copy_evals[-1][1] == 1.0 else None
+print(f"copy task ({profile} profile): 100% exact match on 500 held-out sequences after {copy_steps} steps, "
+      f"{copy_seconds:.1f} s wall on {torch.get_num_threads()} thread(s); final training loss {copy_hist[-1]['loss']:.3f}")
+
+# %% [markdown]
+# The cell above prints the number of steps and the wall time (this machine: 2 CPU cores shared with
+# other work, one thread; the wall time varies from run to run, the step count does not). The
+# curves: the training loss per token, the learning rate, and the held-out exact match. In the KL
+# form the loss heads to 0 only as the model's distribution approaches the *smoothed* target, i.e.
+# as it learns to put $\epsilon$ of its probability on wrong tokens; the cross-entropy of the same
+# model would level off at the smoothed target's entropy instead.
+
+# %%
+def plot_run(hist, evals, title):
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3))
+    s = [r["step"] for r in hist]
+    axes[0].plot(s, [r["loss"] for r in hist]); axes[0].set_ylabel("training loss (KL per token)")
+    axes[1].plot(s, [r["lr"] for r in hist]); axes[1].set_ylabel("learning rate")
+    axes[2].plot(*zip(*evals), marker="o"); axes[2].set_ylabel("held-out exact match"); axes[2].set_ylim(0, 1.02)
+    for a in axes:
+        a.set_xlabel("step")
+    fig.suptitle(title); plt.tight_layout(); plt.show()
+
+
+plot_run(copy_hist, copy_evals, "copy task")
+print(f"tokens per second (median over steps): {sorted(r['tokens_per_s'] for r in copy_hist)[len(copy_hist) // 2]:,.0f}")
+
+# %% [markdown]
+# ## 7. Reversal: a task that needs attention across positions
+#
+# Copying can be solved by a decoder position attending to the *same* source position, a pattern
+# that positional encodings make easy. Reversal needs position $i$ of the output to find position
+# $L - 1 - i$ of an input whose length $L$ varies from sequence to sequence: the model has to locate
+# the source's end (its `</s>`) and count backwards. Same model, same recipe:
+
+# %%
+rev_model, rev_hist, rev_evals, rev_seconds = train_until_exact("reverse")
+rev_steps = rev_evals[-1][0] if rev_evals and rev_evals[-1][1] == 1.0 else None
+print(f"reversal task ({profile} profile): exact match {rev_evals[-1][1]:.1%} after {rev_evals[-1][0]} steps "
+      f"({'100% reached' if rev_steps else 'not yet 100%'}), {rev_seconds:.1f} s wall")
+plot_run(rev_hist, rev_evals, "reversal task")
+
+# %% [markdown]
+# ## 8. Resuming gives the same losses as not stopping
+#
+# A claim a checkpoint format has to earn. Train 40 steps straight; train 20 steps, write a
+# checkpoint, build a *fresh* model (different random initialisation), resume to 40. Because the
+# data and the dropout of step $s$ are functions of $s$, and the checkpoint carries Adam's moments
+# and the scheduler's position, the losses of steps 21–40 must be *identical*, not merely close:
+
+# %% tags=["nbval-check-output"]
+small = TrainConfig(steps=40, warmup=200, seed=seed, log_every=10)
+DROPOUT_MODEL = {**MODEL, "dropout": 0.1}  # with dropout on: its masks must repeat too
+data = synthetic_batches("copy", batch_size=16, seed=seed, **TASK)
+with tempfile.TemporaryDirectory() as tmp:
+    torch.manual_seed(seed)
+    straight = fit(make_model(13, 13, **DROPOUT_MODEL), data, small, progress=False)
+    torch.manual_seed(seed)
+    first = fit(make_model(13, 13, **DROPOUT_MODEL), data, TrainConfig(**{**small.__dict__, "steps": 20}),
+                ckpt_path=f"{tmp}/run.pt", progress=False)
+    torch.manual_seed(seed + 1)  # a different initialisation: the checkpoint must overwrite all of it
+    resumed = fit(make_model(13, 13, **DROPOUT_MODEL), data, small, ckpt_path=f"{tmp}/run.pt", resume=True, progress=False)
+    print("steps 1-20 identical:", [r["loss"] for r in first] == [r["loss"] for r in straight[:20]])
+    print("steps 21-40 identical after resuming:", [r["loss"] for r in resumed[20:]] == [r["loss"] for r in straight[20:]])
+    print("learning rates identical:", [r["lr"] for r in resumed] == [r["lr"] for r in straight])
+    try:  # and a checkpoint from another configuration is refused, naming what differs
+        fit(make_model(13, 13, **{**DROPOUT_MODEL, "d_model": 32}), data, TrainConfig(**{**small.__dict__, "smoothing": 0.0}),
+            ckpt_path=f"{tmp}/run.pt", resume=True, progress=False)
+    except ValueError as err:
+        print("ValueError:", str(err).replace(tmp, "<tmp>"))
+
+# %% [markdown]
+# ## 9. Several processes: `torchrun` and DistributedDataParallel
+#
+# The same loop runs under `torchrun` unchanged: `python -m annotated_transformer.train` is a
+# command-line entry point (`train_main`) that initialises `torch.distributed` when `torchrun` has
+# set `WORLD_SIZE` (gloo on CPU, NCCL on CUDA), gives each process its share of every global batch,
+# and lets `fit` wrap the model in `DistributedDataParallel`. Functions that run under `torchrun`
+# live in the package, not in this notebook (a notebook's functions cannot be imported by another
+# process).
+#
+# ```bash
+# python -m annotated_transformer.train --task copy --steps 1000                        # one process
+# torchrun --standalone --nproc_per_node=2 -m annotated_transformer.train --task copy   # two (CPU: gloo)
+# torchrun --standalone --nproc_per_node=8 -m annotated_transformer.train --amp ...     # 8 GPUs (NCCL)
+# ```
+#
+# The check that matters: after a few steps, two processes that each see half of every batch must
+# hold the same parameters as one process that sees the whole batch (with dropout off, since the two
+# runs draw different dropout masks).
+#
+# A first attempt at this check fails, and the reason is worth knowing. The bias $b_k$ of every key
+# projection has a gradient that is *exactly zero* in exact arithmetic: it adds $q \cdot b_k$ to every
+# score in a query's row, and softmax ignores a constant added to a row. In float32 its gradient is
+# rounding noise, different in the two runs because they add the same numbers in a different
+# order. Adam divides each gradient by its own running magnitude, $\hat m / (\sqrt{\hat v} + \epsilon)$,
+# and with the paper's $\epsilon = 10^{-9}$ it turns that noise into full-size steps of about the
+# learning rate, in random directions: the two runs' $b_k$ drift apart by about the learning rate
+# while every other parameter agrees. The cell below first shows the noise on one batch in this
+# process, then runs the comparison with $\epsilon = 10^{-4}$ (`--adam-eps`), far above the noise:
+# it damps the smallest real gradients' steps a little, identically in both runs. ($b_k$ is a redundant parameter; PyTorch's
+# `nn.MultiheadAttention` has it too, and so does this package, to load PyTorch's and BERT's weights.)
+
+# %%
+probe = make_model(13, 13, **MODEL)
+pb = synthetic_batches("copy", batch_size=64, seed=seed, **TASK)(0, 0)
+LabelSmoothing(13, 0, 0.1)(probe(pb.src, pb.tgt_in, pb.src_mask, pb.tgt_mask), pb.tgt_y).backward()
+for name in ("w_q", "w_k", "w_v"):
+    grads = [m.grad.abs().max().item() for n, m in probe.named_parameters() if n.endswith(f"{name}.bias")]
+    print(f"largest |gradient| of a {name} bias: {max(grads):.1e}")
+
+# %%
+#| export
+def train_main(argv=None) -> dict:
+    """Command-line training on a synthetic task; under torchrun, one process per rank with DDP."""
+    p = argparse.ArgumentParser(prog="python -m annotated_transformer.train", description=train_main.__doc__)
+    p.add_argument("--task", choices=["copy", "reverse", "sort"], default="copy")
+    p.add_argument("--vocab", type=int, default=13)
+    p.add_argument("--min-len", type=int, default=1)
+    p.add_argument("--max-len", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=64, help="global batch (sequences per micro-batch, all processes)")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--N", type=int, default=2)
+    p.add_argument("--d-model", type=int, default=64)
+    p.add_argument("--d-ff", type=int, default=128)
+    p.add_argument("--h", type=int, default=4)
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--norm-first", action="store_true", help="pre-LN (default: post-LN, as the paper)")
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--factor", type=float, default=1.0)
+    p.add_argument("--smoothing", type=float, default=0.1)
+    p.add_argument("--clip", type=float, default=1.0)
+    p.add_argument("--adam-eps", type=float, default=1e-9, help="Adam's epsilon (paper: 1e-9)")
+    p.add_argument("--accum", type=int, default=1)
+    p.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--ckpt", default=None, help="checkpoint path")
+    p.add_argument("--ckpt-every", type=int, default=0)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--save-params", default=None, help="write the final state_dict here (rank 0)")
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--quiet", action="store_true")
+    a = p.parse_args(argv)
+
+    from annotated_transformer.runtime import resolve_device
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(a.device)
+    if world > 1:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank, world = _world()
+    try:
+        torch.manual_seed(a.seed)
+        model = make_model(a.vocab, a.vocab, N=a.N, d_model=a.d_model, d_ff=a.d_ff, h=a.h, dropout=a.dropout,
+                           norm_first=a.norm_first)
+        task = dict(vocab=a.vocab, min_len=a.min_len, max_len=a.max_len)
+        cfg = TrainConfig(steps=a.steps, warmup=a.warmup, factor=a.factor, smoothing=a.smoothing, clip=a.clip,
+                          adam_eps=a.adam_eps, accum=a.accum, amp=a.amp, seed=a.seed, log_every=a.log_every, ckpt_every=a.ckpt_every)
+        get_batch = synthetic_batches(a.task, batch_size=a.batch_size, seed=a.seed, rank=rank, world_size=world, **task)
+        history = fit(model, get_batch, cfg, device=device, ckpt_path=a.ckpt, resume=a.resume,
+                      data_config={"task": a.task, "batch_size": a.batch_size, **task}, progress=not a.quiet)
+        acc = exact_match(model, heldout_batch(a.task, n=500, seed=a.seed, **task).to(device))
+        if rank == 0:
+            if a.save_params:
+                torch.save(model.state_dict(), a.save_params)
+            last = history[-1] if history else {}
+            print(f"task={a.task} processes={world} steps={last.get('step', 0)} loss={last.get('loss', float('nan')):.4f} "
+                  f"held-out exact match={acc:.3f}", flush=True)
+        return {"history": history, "exact_match": acc, "world_size": world}
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__" and "__file__" in globals():  # `python -m annotated_transformer.train`, not the notebook
+    train_main()
+
+# %%
+args = ["--task", "copy", "--steps", "4", "--batch-size", "16", "--dropout", "0", "--warmup", "2",
+        "--adam-eps", "1e-4", "--log-every", "1", "--quiet"]
+env = {**os.environ, "OMP_NUM_THREADS": "1"}
+with tempfile.TemporaryDirectory() as tmp:
+    t0 = time.perf_counter()
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "annotated_transformer.train", *args, "--save-params", f"{tmp}/two.pt"],
+                         capture_output=True, text=True, env=env)
+    one = subprocess.run([sys.executable, "-m", "annotated_transformer.train", *args, "--save-params", f"{tmp}/one.pt"],
+                         capture_output=True, text=True, env=env)
+    print(two.stdout.strip(), "\n" + one.stdout.strip())
+    assert two.returncode == 0 and one.returncode == 0, (two.stderr[-2000:], one.stderr[-2000:])
+    p2, p1 = torch.load(f"{tmp}/two.pt"), torch.load(f"{tmp}/one.pt")
+    ddp_max_diff = max((p2[k] - p1[k]).abs().max().item() for k in p1)
+    print(f"both runs: {time.perf_counter() - t0:.1f} s wall; largest parameter difference {ddp_max_diff:.1e}")
+
+# %% tags=["nbval-check-output"]
+print("2 processes x half batch == 1 process x whole batch (parameters within 1e-5):", ddp_max_diff < 1e-5)
+
+# %% [markdown]
+# The parameters agree to float32 rounding (the two runs add the same numbers in a different
+# order). The test suite repeats the check, and also that accumulating three micro-batches equals one
+# batch three times the size (`tests/test_train.py`).
+#
+# ## What the chapter exports
+#
+# `annotated_transformer.train`: `Batch`, `LabelSmoothing`, `noam_rate`, `NoamSchedule`,
+# `batch_by_tokens`, `TrainConfig`, `save_checkpoint`, `load_checkpoint`, `fit`, the synthetic tasks
+# (`synthetic_pairs`, `synthetic_batches`, `heldout_batch`), `exact_match`, and the entry point
+# `train_main` (`python -m annotated_transformer.train`).

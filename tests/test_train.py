@@ -1,0 +1,353 @@
+"""annotated_transformer.train: batches, label smoothing, the Noam schedule, token batching, fit,
+checkpoints, the synthetic tasks, and the torchrun entry point."""
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from annotated_transformer.model import make_model
+from annotated_transformer.train import (
+    Batch, LabelSmoothing, NoamSchedule, TrainConfig, batch_by_tokens, exact_match, fit, heldout_batch,
+    load_checkpoint, noam_rate, save_checkpoint, synthetic_batches, synthetic_pairs, train_main,
+)
+
+PAD, BOS, EOS = 0, 1, 2
+TASK = dict(vocab=9, min_len=1, max_len=5)
+MODEL = dict(N=1, d_model=16, d_ff=32, h=2)
+
+
+def small_model(seed=0, dropout=0.1, **kw):
+    torch.manual_seed(seed)
+    return make_model(TASK["vocab"], TASK["vocab"], **{**MODEL, "dropout": dropout, **kw})
+
+
+# --------------------------------------------------------------------------- Batch
+def test_batch_shifts_the_target_and_counts_tokens():
+    src = torch.tensor([[3, 4, 2, 0], [5, 2, 0, 0]])
+    tgt = torch.tensor([[1, 4, 3, 2], [1, 5, 2, 0]])
+    b = Batch(src, tgt, PAD)
+    assert b.tgt_in.tolist() == [[1, 4, 3], [1, 5, 2]] and b.tgt_y.tolist() == [[4, 3, 2], [5, 2, 0]]
+    assert b.ntokens == 5 and len(b) == 2
+    assert b.src_mask.shape == (2, 1, 1, 4) and b.tgt_mask.shape == (2, 1, 3, 3)
+    assert b.tgt_mask[1, 0].tolist() == [[True, False, False], [True, True, False], [True, True, True]]
+    with pytest.raises(ValueError, match=r"\(2, 4\) and \(3, 4\)"):
+        Batch(src, torch.ones(3, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="at least <s> and one token"):
+        Batch(src, torch.ones(2, 1, dtype=torch.long))
+
+
+# --------------------------------------------------------------------------- label smoothing
+def test_label_smoothing_target_distribution():
+    crit = LabelSmoothing(6, padding_idx=0, smoothing=0.2)
+    q = crit.target_distribution(torch.tensor([3, 0, 1]))
+    assert torch.allclose(q[0], torch.tensor([0.0, 0.05, 0.05, 0.8, 0.05, 0.05]))
+    assert torch.equal(q[1], torch.zeros(6))                         # a padding label: no target at all
+    assert q[2, 1] == pytest.approx(0.8) and q[2, 0] == 0
+    assert torch.allclose(q[[0, 2]].sum(1), torch.ones(2))
+
+
+def test_label_smoothing_is_kl_finite_and_ignores_padding():
+    torch.manual_seed(0)
+    crit = LabelSmoothing(7, padding_idx=0, smoothing=0.1)
+    logp = torch.log_softmax(torch.randn(2, 5, 7), -1)
+    target = torch.tensor([[3, 4, 0, 0, 0], [1, 6, 2, 5, 0]])
+    loss = crit(logp, target)
+    assert torch.isfinite(loss)
+    q = crit.target_distribution(target.reshape(-1))
+    by_hand = sum(q[i, v] * (math.log(q[i, v]) - logp.reshape(-1, 7)[i, v])
+                  for i in range(10) for v in range(7) if q[i, v] > 0)
+    assert loss.item() == pytest.approx(float(by_hand), rel=1e-5)
+    logp2 = logp.clone()
+    logp2[target == 0] = torch.log_softmax(torch.randn(int((target == 0).sum()), 7), -1)
+    assert crit(logp2, target).item() == pytest.approx(loss.item(), rel=1e-6)   # padded rows don't count
+    # extreme log-probabilities (a confident model) stay finite
+    confident = torch.full((1, 7), -1e4); confident[0, 3] = 0.0
+    assert torch.isfinite(crit(confident, torch.tensor([3])))
+
+
+def test_label_smoothing_zero_is_nll_and_minimum_is_one_minus_eps():
+    torch.manual_seed(1)
+    logp = torch.log_softmax(torch.randn(8, 5), -1)
+    y = torch.tensor([1, 2, 0, 4, 3, 0, 2, 1])
+    assert torch.allclose(LabelSmoothing(5, 0, 0.0)(logp, y), nn.functional.nll_loss(logp, y, ignore_index=0, reduction="sum"))
+    # the loss is zero exactly at p = q
+    crit = LabelSmoothing(5, 0, 0.1)
+    q = crit.target_distribution(torch.tensor([2]))
+    assert crit(q.clamp_min(1e-30).log(), torch.tensor([2])).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(size=2, padding_idx=0), "at least 3"), (dict(size=5, padding_idx=5), "outside"),
+    (dict(size=5, padding_idx=0, smoothing=1.0), r"\[0, 1\)"),
+])
+def test_label_smoothing_bad_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LabelSmoothing(**kwargs)
+
+
+def test_label_smoothing_bad_input():
+    crit = LabelSmoothing(5, 0, 0.1)
+    with pytest.raises(ValueError, match="6 classes but the loss was built for 5"):
+        crit(torch.zeros(2, 6), torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="do not match targets"):
+        crit(torch.zeros(2, 5), torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match=r"\[0, 5\)"):
+        crit(torch.zeros(2, 5), torch.tensor([1, 5]))
+
+
+# --------------------------------------------------------------------------- Noam
+@pytest.mark.parametrize("d_model, warmup, factor", [(512, 4000, 1.0), (64, 100, 2.0), (1024, 10, 0.5)])
+def test_noam_formula(d_model, warmup, factor):
+    for step in (1, 2, warmup // 2 + 1, warmup, warmup + 1, 3 * warmup, 10 * warmup):
+        want = factor * d_model ** -0.5 * min(step ** -0.5, step * warmup ** -1.5)
+        assert noam_rate(step, d_model, warmup, factor) == pytest.approx(want, rel=1e-12)
+    rates = [noam_rate(s, d_model, warmup) for s in range(1, 3 * warmup)]
+    assert max(range(len(rates)), key=rates.__getitem__) + 1 == warmup          # peak at the warm-up's end
+    assert max(rates) == pytest.approx((d_model * warmup) ** -0.5)
+
+
+def test_noam_schedule_drives_lambdalr_once_per_step():
+    p = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.Adam([p], lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, NoamSchedule(64, 10))
+    for step in range(1, 25):
+        assert opt.param_groups[0]["lr"] == pytest.approx(noam_rate(step, 64, 10))
+        opt.step(); sched.step()
+    with pytest.raises(ValueError, match="counts from 1"):
+        noam_rate(0, 64, 10)
+    with pytest.raises(ValueError, match="warmup=0"):
+        NoamSchedule(64, 0)
+
+
+# --------------------------------------------------------------------------- batch_by_tokens
+def test_batch_by_tokens_respects_the_budget_and_covers_everything():
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 40, (500,), generator=g).tolist()
+    batches = batch_by_tokens(lengths, 200, seed=3)
+    assert sorted(i for b in batches for i in b) == list(range(500))
+    assert all(max(lengths[i] for i in b) * len(b) <= 200 for b in batches)
+    assert batches == batch_by_tokens(lengths, 200, seed=3) and batches != batch_by_tokens(lengths, 200, seed=4)
+    # bucketing: far less padding than the same number of random batches
+    pad = lambda bs: sum(max(lengths[i] for i in b) * len(b) for b in bs) - sum(lengths)
+    assert pad(batches) < 0.2 * sum(lengths)
+    unshuffled = batch_by_tokens(lengths, 200, shuffle=False)
+    firsts = [max(lengths[i] for i in b) for b in unshuffled]
+    assert firsts == sorted(firsts)
+    assert batch_by_tokens([], 10) == []
+
+
+def test_batch_by_tokens_errors():
+    with pytest.raises(ValueError, match="example 1 has length 12 > max_tokens=10"):
+        batch_by_tokens([3, 12, 4], 10)
+    with pytest.raises(ValueError, match="positive"):
+        batch_by_tokens([3, 0], 10)
+    with pytest.raises(ValueError, match="max_tokens"):
+        batch_by_tokens([3], 0)
+
+
+# --------------------------------------------------------------------------- synthetic tasks
+@pytest.mark.parametrize("task", ["copy", "reverse", "sort"])
+def test_synthetic_pairs(task):
+    g = torch.Generator().manual_seed(0)
+    src, tgt = synthetic_pairs(task, 50, 9, 1, 6, g)
+    assert src.shape == (50, 7) and tgt.shape == (50, 8)
+    for s, t in zip(src.tolist(), tgt.tolist()):
+        x = s[: s.index(EOS)]
+        y = t[1: t.index(EOS)]
+        assert 1 <= len(x) <= 6 and all(3 <= v < 9 for v in x) and t[0] == BOS
+        assert y == {"copy": x, "reverse": x[::-1], "sort": sorted(x)}[task]
+        assert all(v == PAD for v in s[len(x) + 1:]) and all(v == PAD for v in t[len(x) + 2:])
+    with pytest.raises(ValueError, match="task"):
+        synthetic_pairs("shuffle", 2, 9, 1, 3, g)
+    with pytest.raises(ValueError, match="min_len=4, max_len=3"):
+        synthetic_pairs("copy", 2, 9, 4, 3, g)
+
+
+def test_synthetic_batches_are_a_function_of_the_step_and_split_by_rank():
+    full = synthetic_batches("copy", batch_size=8, seed=1, **TASK)
+    a, b = full(3, 0), full(3, 0)
+    assert torch.equal(a.src, b.src) and not torch.equal(full(4, 0).src, a.src)
+    assert not torch.equal(full(3, 1).src, a.src)
+    halves = [synthetic_batches("copy", batch_size=8, seed=1, rank=r, world_size=2, **TASK)(3, 0) for r in (0, 1)]
+    assert torch.equal(torch.cat([h.src for h in halves]), a.src)
+    with pytest.raises(ValueError, match="batch_size=7 is not divisible by world_size=2"):
+        synthetic_batches("copy", batch_size=7, world_size=2, **TASK)
+    held = heldout_batch("copy", n=8, seed=1, **TASK)
+    assert all(not torch.equal(held.src, full(s, 0).src) for s in range(5))
+
+
+def test_exact_match_counts_whole_sequences():
+    model = small_model(dropout=0.0)
+    batch = heldout_batch("copy", n=20, seed=0, **TASK)
+    with torch.no_grad():
+        pred = model(batch.src, batch.tgt_in, batch.src_mask, batch.tgt_mask).argmax(-1)
+    want = ((pred == batch.tgt_y) | (batch.tgt_y == PAD)).all(1).float().mean().item()
+    model.train()
+    assert exact_match(model, batch) == want and model.training          # mode restored
+    # a "model" that is always right scores 1
+    with torch.no_grad():
+        model.generator.proj.weight.zero_(); model.generator.proj.bias.zero_()
+    one = Batch(torch.tensor([[3, 2]]), torch.tensor([[1, 3]]))
+    model.generator.proj.bias.data[3] = 10.0
+    assert exact_match(model, one) == 1.0
+
+
+# --------------------------------------------------------------------------- fit
+def test_fit_learns_and_logs():
+    model = small_model(dropout=0.0)
+    hist = fit(model, synthetic_batches("copy", batch_size=32, seed=0, **TASK),
+               TrainConfig(steps=60, warmup=10, seed=0, log_every=20), progress=False)
+    assert [r["step"] for r in hist] == list(range(1, 61))
+    assert all(math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 and r["tokens"] > 0 for r in hist)
+    assert hist[-1]["loss"] < 0.6 * hist[0]["loss"]
+    assert hist[0]["lr"] == pytest.approx(noam_rate(1, 16, 10)) and hist[9]["lr"] == pytest.approx(noam_rate(10, 16, 10))
+    assert not model.training
+
+
+def test_fit_on_step_can_stop_early():
+    hist = fit(small_model(), synthetic_batches("copy", batch_size=8, **TASK), TrainConfig(steps=50, warmup=5),
+               on_step=lambda step, rec: step == 7, progress=False)
+    assert len(hist) == 7
+
+
+def test_gradient_accumulation_equals_one_big_batch_and_steps_the_scheduler_once():
+    small = synthetic_batches("copy", batch_size=8, seed=2, **TASK)
+
+    def combined(step, micro):
+        assert micro == 0
+        parts = [small(step, m) for m in range(3)]
+        return Batch(torch.cat([p.src for p in parts]), torch.cat([p.tgt for p in parts]))
+
+    # adam_eps=1e-4: the key biases' true gradient is 0 and Adam with eps=1e-9 would blow their float
+    # rounding noise (different summation order) up to full steps (see the training chapter, section 9)
+    cfg = dict(steps=5, warmup=3, seed=0, clip=0.0, adam_eps=1e-4)
+    a, b = small_model(dropout=0.0), small_model(dropout=0.0)
+    ha = fit(a, small, TrainConfig(**cfg, accum=3), progress=False)
+    hb = fit(b, combined, TrainConfig(**cfg, accum=1), progress=False)
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(p, q, atol=1e-5), n
+    assert [r["loss"] for r in ha] == pytest.approx([r["loss"] for r in hb], rel=1e-5)
+    assert [r["lr"] for r in ha] == [r["lr"] for r in hb] == [noam_rate(s, 16, 3) for s in range(1, 6)]
+    assert [r["tokens"] for r in ha] == [r["tokens"] for r in hb]
+
+
+def test_fit_refuses_bad_config():
+    with pytest.raises(ValueError, match="amp=True needs a CUDA device"):
+        fit(small_model(), synthetic_batches("copy", batch_size=4, **TASK), TrainConfig(steps=1, amp=True), progress=False)
+    with pytest.raises(ValueError, match="accum must be >= 1"):
+        fit(small_model(), synthetic_batches("copy", batch_size=4, **TASK), TrainConfig(steps=1, accum=0), progress=False)
+    only_pad = lambda step, micro: Batch(torch.tensor([[3, 2]]), torch.tensor([[1, 0]]))
+    with pytest.raises(ValueError, match="no non-padding target tokens"):
+        fit(small_model(), only_pad, TrainConfig(steps=1), progress=False)
+
+
+# --------------------------------------------------------------------------- checkpoints
+def _opt_sched(model):
+    opt = torch.optim.Adam(model.parameters(), lr=1.0)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, NoamSchedule(16, 5))
+
+
+def test_checkpoint_round_trip_is_identical(tmp_path):
+    model = small_model()
+    data = synthetic_batches("copy", batch_size=8, **TASK)
+    path = tmp_path / "sub" / "run.pt"
+    fit(model, data, TrainConfig(steps=6, warmup=5), ckpt_path=path, progress=False)
+    state = torch.load(path, weights_only=True)
+    assert state["step"] == 6 and len(state["history"]) == 6
+    fresh = small_model(seed=1)
+    opt, sched = _opt_sched(fresh)
+    loaded = load_checkpoint(path, fresh, opt, sched)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, fresh.state_dict()[k]), k
+    assert sched.last_epoch == 6 and opt.param_groups[0]["lr"] == pytest.approx(noam_rate(7, 16, 5))
+    saved_opt = state["optimizer"]["state"]
+    for i, s in opt.state_dict()["state"].items():
+        assert torch.equal(s["exp_avg"], saved_opt[i]["exp_avg"]) and torch.equal(s["exp_avg_sq"], saved_opt[i]["exp_avg_sq"])
+    assert loaded["fingerprint"]["model"]["d_model"] == 16
+    assert [p.name for p in path.parent.iterdir()] == ["run.pt"]          # no temporary file left behind
+
+
+def test_checkpoint_is_written_atomically(tmp_path, monkeypatch):
+    model = small_model()
+    opt, sched = _opt_sched(model)
+    path = tmp_path / "run.pt"
+    save_checkpoint(path, model, opt, sched, step=1, fingerprint={"a": 1})
+    before = path.read_bytes()
+
+    def crash(obj, f, *a, **k):
+        Path(f).write_bytes(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, model, opt, sched, step=2, fingerprint={"a": 1})
+    assert path.read_bytes() == before                                     # the old checkpoint is intact
+    monkeypatch.undo()
+    assert load_checkpoint(path, small_model())["step"] == 1
+
+
+def test_resuming_gives_the_same_losses_as_not_stopping(tmp_path):
+    data = synthetic_batches("reverse", batch_size=8, seed=0, **TASK)
+    cfg = TrainConfig(steps=16, warmup=5, seed=0, ckpt_every=5)
+    straight = fit(small_model(dropout=0.2), data, cfg, progress=False)
+    fit(small_model(dropout=0.2), data, TrainConfig(**{**cfg.__dict__, "steps": 8}), ckpt_path=tmp_path / "c.pt",
+        progress=False)
+    assert torch.load(tmp_path / "c.pt", weights_only=True)["step"] == 8
+    resumed_model = small_model(seed=7, dropout=0.2)
+    resumed = fit(resumed_model, data, cfg, ckpt_path=tmp_path / "c.pt", resume=True, progress=False)
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
+    assert [r["lr"] for r in resumed] == [r["lr"] for r in straight]
+    # and resuming without a checkpoint on disk simply starts from scratch
+    fresh = fit(small_model(dropout=0.2), data, cfg, ckpt_path=tmp_path / "none.pt", resume=True, progress=False)
+    assert [r["loss"] for r in fresh] == [r["loss"] for r in straight]
+
+
+def test_checkpoint_from_another_configuration_is_refused(tmp_path):
+    data = synthetic_batches("copy", batch_size=8, **TASK)
+    fit(small_model(), data, TrainConfig(steps=2, warmup=5), ckpt_path=tmp_path / "c.pt", progress=False)
+    with pytest.raises(ValueError, match=r"another configuration(.|\n)*model.d_model: checkpoint has 16, this run has 32"):
+        fit(small_model(d_model=32), data, TrainConfig(steps=4, warmup=5), ckpt_path=tmp_path / "c.pt", resume=True,
+            progress=False)
+    with pytest.raises(ValueError, match=r"train.smoothing: checkpoint has 0.1, this run has 0.0"):
+        fit(small_model(), data, TrainConfig(steps=4, warmup=5, smoothing=0.0), ckpt_path=tmp_path / "c.pt",
+            resume=True, progress=False)
+    # the run length may change on resume
+    fit(small_model(), data, TrainConfig(steps=4, warmup=5), ckpt_path=tmp_path / "c.pt", resume=True, progress=False)
+    (tmp_path / "junk.pt").write_bytes(b"")
+    torch.save({"hello": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a checkpoint written by"):
+        load_checkpoint(tmp_path / "other.pt", small_model())
+
+
+# --------------------------------------------------------------------------- the entry point, one and two processes
+ARGS = ["--task", "copy", "--steps", "3", "--batch-size", "8", "--dropout", "0", "--warmup", "2", "--N", "1",
+        "--adam-eps", "1e-4",  # see test_gradient_accumulation_...: eps=1e-9 amplifies the key biases' rounding noise
+        "--d-model", "16", "--d-ff", "32", "--h", "2", "--max-len", "5", "--vocab", "9", "--quiet"]
+
+
+def test_train_main_single_process(tmp_path):
+    out = train_main(ARGS + ["--save-params", str(tmp_path / "p.pt"), "--ckpt", str(tmp_path / "c.pt")])
+    assert out["world_size"] == 1 and len(out["history"]) == 3 and 0.0 <= out["exact_match"] <= 1.0
+    assert (tmp_path / "p.pt").exists() and torch.load(tmp_path / "c.pt", weights_only=True)["step"] == 3
+
+
+def test_two_processes_equal_one_process_on_the_combined_batch(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "annotated_transformer.train", *ARGS, "--save-params", str(tmp_path / "two.pt")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "processes=2" in two.stdout
+    one = subprocess.run([sys.executable, "-m", "annotated_transformer.train", *ARGS, "--save-params",
+                          str(tmp_path / "one.pt")], capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    p2, p1 = torch.load(tmp_path / "two.pt"), torch.load(tmp_path / "one.pt")
+    start = small_model(dropout=0.0).state_dict()
+    assert any(not torch.equal(p1[k], start[k]) for k in p1)                # training moved the parameters
+    for k in p1:
+        assert torch.allclose(p2[k], p1[k], atol=1e-5), k
