@@ -1,0 +1,236 @@
+"""annotated_transformer.translate: batches, checkpoints, decoding, translate() and the command line.
+
+No network and no Multi30k: a tiny model is trained here, in a few seconds, to memorise five sentence
+pairs with a tokenizer trained on them; translate() must give those translations back."""
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from annotated_transformer.data import BOS_IDX, EOS_IDX, PAD_IDX, encode, save_tokenizer, train_tokenizer
+from annotated_transformer.train import TrainConfig, fit
+from annotated_transformer.translate import (CHECKPOINT_FORMAT, default_checkpoint, evaluate, load_translator,
+                                             make_translator, pad_batch, save_translator, token_batches, translate,
+                                             translate_ids, translate_main, translate_sentences)
+
+ROOT = Path(__file__).resolve().parents[1]
+GERMAN = ["Ein Hund läuft im Schnee.", "Zwei Mädchen überqueren eine große Straße.", "Die Öfen sind heiß.",
+          "Ein Mann fährt Fahrrad.", "Eine Frau liest ein Buch."]
+ENGLISH = ["A dog runs in the snow.", "Two girls cross a big street.", "The ovens are hot.",
+           "A man rides a bike.", "A woman reads a book."]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(model, tokenizer, checkpoint path, tokenizer path): a tiny model that has memorised the pairs."""
+    torch.manual_seed(0)
+    tok = train_tokenizer((GERMAN + ENGLISH) * 10, 150, "bpe", min_frequency=1)
+    src, tgt = encode(tok, GERMAN), encode(tok, ENGLISH, bos=True)
+    model = make_translator(tok.get_vocab_size(), N=1, d_model=64, d_ff=128, h=4, dropout=0.0, max_len=128)
+    get_batch = token_batches(src, tgt, max_tokens=1000, seed=0)
+    fit(model, get_batch, TrainConfig(steps=250, warmup=20, factor=1.0, smoothing=0.0, log_every=50), progress=False)
+    folder = tmp_path_factory.mktemp("translator")
+    ckpt = save_translator(folder / "model.pt", model, tok, note="test")
+    tok_path = save_tokenizer(tok, folder / "tokenizer.json")
+    return model, tok, ckpt, tok_path
+
+
+# --------------------------------------------------------------------------- batches
+def test_pad_batch():
+    x = pad_batch([[5, 6, 2], [7, 2]])
+    assert x.dtype == torch.long and x.tolist() == [[5, 6, 2], [7, 2, PAD_IDX]]
+    with pytest.raises(ValueError, match="at least one row"):
+        pad_batch([])
+
+
+def lengths_data(n=200, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ls = torch.randint(2, 30, (n,), generator=g).tolist()
+    src = [[3 + i % 50] * (n_ - 1) + [EOS_IDX] for i, n_ in enumerate(ls)]
+    tgt = [[BOS_IDX] + [4] * max(n_ - 3, 1) + [EOS_IDX] for n_ in ls]
+    return src, tgt
+
+
+def test_token_batches_cover_every_pair_once_per_epoch_within_budget():
+    src, tgt = lengths_data()
+    get_batch = token_batches(src, tgt, max_tokens=120, seed=3)
+    for epoch in range(2):
+        seen = []
+        for k in range(epoch * get_batch.per_epoch, (epoch + 1) * get_batch.per_epoch):
+            b = get_batch(k, 0)
+            assert b.src.numel() <= 120 and b.tgt.numel() <= 120
+            seen += [tuple(r[r != PAD_IDX].tolist()) for r in b.src]
+        assert sorted(seen) == sorted(tuple(s) for s in src)
+
+
+def test_token_batches_are_a_function_of_the_step():
+    src, tgt = lengths_data()
+    a, b = token_batches(src, tgt, 120, seed=1), token_batches(src, tgt, 120, seed=1)
+    late = 3 * a.per_epoch + 2
+    assert torch.equal(a(late, 0).src, b(late, 0).src)      # b jumps straight to a later epoch
+    assert torch.equal(a(1, 0).tgt, b(1, 0).tgt)              # and back
+    firsts = [a(e * a.per_epoch, 0).src for e in range(4)]
+    assert any(not torch.equal(firsts[0], f) for f in firsts[1:])  # epochs are shuffled differently
+
+
+def test_token_batches_accumulation_uses_distinct_batches():
+    src, tgt = lengths_data()
+    plain, accum = token_batches(src, tgt, 120, seed=0), token_batches(src, tgt, 120, seed=0, accum=2)
+    assert torch.equal(accum(1, 0).src, plain(2, 0).src) and torch.equal(accum(1, 1).src, plain(3, 0).src)
+
+
+def test_token_batches_teacher_forcing_shift():
+    b = token_batches([[5, 6, EOS_IDX]], [[BOS_IDX, 7, 8, EOS_IDX]], 100)(0, 0)
+    assert b.tgt_in.tolist() == [[BOS_IDX, 7, 8]] and b.tgt_y.tolist() == [[7, 8, EOS_IDX]] and b.ntokens == 3
+
+
+def test_token_batches_errors():
+    with pytest.raises(ValueError, match="2 source rows but 1 target rows"):
+        token_batches([[5, 2], [6, 2]], [[1, 5, 2]], 100)
+    with pytest.raises(ValueError, match="at least one sentence pair"):
+        token_batches([], [], 100)
+    with pytest.raises(ValueError, match="max_tokens=3"):
+        token_batches([[5, 6, 7, 2]], [[1, 5, 2]], 3)
+
+
+# --------------------------------------------------------------------------- model and checkpoints
+def test_make_translator_shares_one_matrix():
+    m = make_translator(50, N=1, d_model=16, d_ff=32, h=2)
+    assert m.src_embed.lut.weight is m.tgt_embed.lut.weight is m.generator.proj.weight
+    assert m.config["share_embeddings"] and m.config["tie_output"]
+
+
+def test_the_tiny_model_memorised_its_pairs(trained):
+    model, tok, _, _ = trained
+    assert translate_sentences(model, tok, GERMAN, beam_size=1) == ENGLISH
+    assert translate_sentences(model, tok, GERMAN, beam_size=3) == ENGLISH
+    scores = evaluate(model, tok, list(zip(GERMAN, ENGLISH)), beam_size=2)
+    assert scores["hypotheses"] == ENGLISH and scores["bleu"] == pytest.approx(100)
+
+
+def test_translate_round_trip_from_files(trained):
+    _, _, ckpt, tok_path = trained
+    assert translate(GERMAN[::-1], checkpoint=ckpt, tokenizer=tok_path) == ENGLISH[::-1]
+    assert translate(GERMAN[:2], checkpoint=ckpt, beam_size=1) == ENGLISH[:2]  # the tokenizer stored in it
+    assert translate([], checkpoint=ckpt) == []
+
+
+def test_load_translator_restores_the_same_weights(trained):
+    model, tok, ckpt, _ = trained
+    loaded, loaded_tok = load_translator(ckpt)
+    assert not loaded.training and loaded_tok.to_str() == tok.to_str()
+    assert loaded.src_embed.lut.weight is loaded.generator.proj.weight  # tying survives the round trip
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    state = torch.load(ckpt, weights_only=True)
+    assert state["format"] == CHECKPOINT_FORMAT and state["meta"] == {"note": "test"}
+
+
+def test_batched_decoding_keeps_the_input_order(trained):
+    model, tok, _, _ = trained
+    src = encode(tok, GERMAN)
+    one_batch = translate_ids(model, src, beam_size=1)
+    tiny_batches = translate_ids(model, src, beam_size=1, max_tokens=1)  # one sentence per batch
+    assert one_batch == tiny_batches
+    assert all(ids[0] == BOS_IDX and ids[-1] == EOS_IDX and PAD_IDX not in ids for ids in one_batch)
+
+
+def test_translate_ids_errors(trained):
+    model, tok, _, _ = trained
+    with pytest.raises(ValueError, match="source 1 is empty"):
+        translate_ids(model, [[5, EOS_IDX], []])
+    with pytest.raises(ValueError, match="beam_size must be a positive int"):
+        translate_ids(model, [[5, EOS_IDX]], beam_size=0)
+    with pytest.raises(TypeError, match="list of sentences"):
+        translate_sentences(model, tok, "Ein Hund.")
+
+
+def test_missing_checkpoint_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"no translation checkpoint at {tmp_path / 'absent.pt'}"):
+        translate(["Ein Hund."], checkpoint=tmp_path / "absent.pt")
+
+
+def test_missing_tokenizer_names_the_path(trained, tmp_path):
+    model, _, _, _ = trained
+    bare = save_translator(tmp_path / "bare.pt", model)  # no tokenizer stored, none beside it
+    with pytest.raises(FileNotFoundError, match=f"there is no {tmp_path / 'tokenizer.json'}"):
+        load_translator(bare)
+    with pytest.raises(FileNotFoundError, match="no tokenizer file at"):
+        load_translator(bare, tokenizer=tmp_path / "nope.json")
+
+
+def test_tokenizer_beside_the_checkpoint_is_used(trained, tmp_path):
+    model, tok, _, _ = trained
+    bare = save_translator(tmp_path / "bare.pt", model)
+    save_tokenizer(tok, tmp_path / "tokenizer.json")
+    assert translate(GERMAN[:1], checkpoint=bare, beam_size=1) == ENGLISH[:1]
+
+
+def test_foreign_or_broken_files_are_refused(trained, tmp_path):
+    _, _, ckpt, _ = trained
+    other = train_tokenizer(ENGLISH * 5, 60, "bpe", min_frequency=1)
+    other_path = save_tokenizer(other, tmp_path / "other.json")
+    with pytest.raises(ValueError, match="do not belong together"):
+        load_translator(ckpt, tokenizer=other_path)
+    torch.save({"model": {}}, tmp_path / "foreign.pt")
+    with pytest.raises(ValueError, match="not a checkpoint written by"):
+        load_translator(tmp_path / "foreign.pt")
+    raw = Path(ckpt).read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ValueError, match="cannot read the checkpoint .*truncated.pt"):
+        load_translator(tmp_path / "truncated.pt")
+
+
+def test_save_needs_a_configured_model(tmp_path):
+    with pytest.raises(ValueError, match="no .config"):
+        save_translator(tmp_path / "x.pt", torch.nn.Linear(2, 2))
+
+
+def test_default_checkpoint_is_in_the_build_folder():
+    assert default_checkpoint() == ROOT / "build" / "translation" / "model.pt"
+
+
+# --------------------------------------------------------------------------- command line
+def test_main_translates_arguments_and_stdin(trained, capsys, monkeypatch):
+    _, _, ckpt, tok_path = trained
+    assert translate_main(["--checkpoint", str(ckpt), "--tokenizer", str(tok_path), "--beam", "1", GERMAN[0], GERMAN[3]]) == 0
+    assert capsys.readouterr().out.splitlines() == [ENGLISH[0], ENGLISH[3]]
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(GERMAN[1] + "\n\n" + GERMAN[2] + "\n"))
+    assert translate_main(["--checkpoint", str(ckpt)]) == 0
+    assert capsys.readouterr().out.splitlines() == [ENGLISH[1], ENGLISH[2]]
+
+
+def test_main_reports_a_missing_checkpoint(tmp_path, capsys):
+    assert translate_main(["--checkpoint", str(tmp_path / "absent.pt"), "Ein Hund."]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no translation checkpoint at") and str(tmp_path / "absent.pt") in err
+
+
+def test_python_dash_m_runs(trained):
+    _, _, ckpt, _ = trained
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "annotated_transformer.translate", "--checkpoint", str(ckpt),
+                           "--beam", "2", GERMAN[4]], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == ENGLISH[4]
+    done = subprocess.run([sys.executable, "-m", "annotated_transformer.translate", "--checkpoint", "absent.pt", "x"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2 and "no translation checkpoint at absent.pt" in done.stderr
+
+
+def test_module_and_function_names():
+    """`annotated_transformer.translate` is the module (so `python -m` and `import ... as` work); the user
+    function is `annotated_transformer.translate.translate`, and `python -m` prints no runpy warning."""
+    import annotated_transformer
+
+    module = importlib.import_module("annotated_transformer.translate")
+    assert annotated_transformer.translate is module and callable(module.translate) and callable(module.translate_main)
+    done = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", "annotated_transformer.translate",
+                           "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "RuntimeWarning" not in done.stderr, done.stderr
