@@ -1,0 +1,116 @@
+"""Shared helpers for the benchmark suite: timing, peak memory, the machine's measured matmul peak."""
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+
+import torch
+
+
+def machine() -> dict:
+    """What the numbers were measured on (no hostnames)."""
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench(fn, device: torch.device, *, min_time: float = 0.5, min_reps: int = 3, warmup: int = 1) -> dict:
+    """Median wall time of fn() over enough repetitions to fill min_time seconds."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    start_all = time.perf_counter()
+    while len(times) < min_reps or time.perf_counter() - start_all < min_time:
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+        if len(times) >= 200:
+            break
+    return {"median_s": statistics.median(times), "min_s": min(times), "reps": len(times)}
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """Silence file descriptor 2 for a moment: torch's profiler (Kineto) prints a start/stop line from C++
+    on every run, which would otherwise fill notebook outputs."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def peak_memory(fn, device: torch.device) -> int:
+    """Peak bytes allocated while fn() runs: CUDA allocator stats on GPU, torch's CPU profiler on CPU."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # Walk the allocation events in order to find the high-water mark of live tensor memory.
+    events = sorted((e for e in prof.events() if e.cpu_memory_usage), key=lambda e: e.time_range.start)
+    live = peak = 0
+    for e in events:
+        live += e.cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
+def matmul_peak_flops(device: torch.device, dtype=torch.float32, n: int | None = None, min_time: float = 1.0) -> dict:
+    """The machine's measured dense matmul throughput: the denominator of MFU, measured, not looked up."""
+    sizes = [n] if n else ([1024, 2048] if device.type == "cpu" else [4096, 8192])
+    best = {"flops": 0.0}
+    for size in sizes:
+        a = torch.randn(size, size, device=device, dtype=dtype)
+        b = torch.randn(size, size, device=device, dtype=dtype)
+        t = bench(lambda: a @ b, device, min_time=min_time)
+        flops = 2 * size**3 / t["median_s"]
+        if flops > best["flops"]:
+            best = {"flops": flops, "size": size, "dtype": str(dtype).replace("torch.", ""), **t}
+    return best
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
