@@ -153,3 +153,52 @@ def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     assert "scripts/test" in readme and "scripts/book" in readme
     assert re.search(r"^exec scripts/test$", (ROOT / ".ci" / "run").read_text(), re.M)
+
+
+def _stored_text(path: Path) -> str:
+    """Every text output of a stored notebook (images excluded), plus error tracebacks."""
+    parts = []
+    for cell in nb.read(path).cells:
+        for out in cell.get("outputs", []):
+            parts.append(str(out.get("text", "")))
+            parts += [str(v) for k, v in out.get("data", {}).items() if k.startswith("text/")]
+            parts += out.get("traceback", [])
+    return "\n".join(parts)
+
+
+@pytest.mark.parametrize("ipynb", sorted((ROOT / "notebooks").glob("*.ipynb")), ids=lambda p: p.stem)
+def test_stored_outputs_carry_no_paths_machine_names_or_secrets(ipynb):
+    import socket
+
+    text = _stored_text(ipynb)
+    leaks = [s for s in (str(ROOT), str(Path.home()), "/work/", "/root/", "/home/", "site-packages")
+             if s in text]
+    host = socket.gethostname()
+    if len(host) > 3 and host in text:
+        leaks.append(f"hostname {host!r}")
+    if re.search(r"(api[_-]?key|secret|token)\s*[=:]\s*['\"][A-Za-z0-9_\-]{16,}", text, re.I):
+        leaks.append("something that looks like a credential")
+    assert not leaks, f"{ipynb.name} outputs contain {leaks}"
+    assert "Traceback" not in text, f"{ipynb.name} stored an error"
+
+
+def test_every_citation_has_a_bibliography_entry():
+    keys = set(re.findall(r"^@\w+\{([^,]+),", (ROOT / "book" / "references.bib").read_text(), re.M))
+    pages = sorted((ROOT / "notebooks").glob("*.py")) + sorted((ROOT / "book").glob("*.md"))
+    cited = {(p.name, k.strip()) for p in pages for group in re.findall(r"\{cite[^}]*\}`([^`]+)`", p.read_text())
+             for k in group.split(",")}
+    missing = sorted(f"{page}: {key}" for page, key in cited if key not in keys)
+    assert not missing, f"citations without an entry in book/references.bib: {missing}"
+
+
+def test_links_between_chapters_resolve():
+    """Every relative link to a chapter or page (`NN_name.ipynb`, `notes.md`) names a file that exists."""
+    pages = sorted((ROOT / "notebooks").glob("*.py")) + sorted((ROOT / "book").glob("*.md"))
+    broken = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)#\s]+\.(?:ipynb|md))(?:#[^)]*)?\)", page.read_text()):
+            if target.startswith(("http://", "https://")):
+                continue
+            if not (page.parent / target).exists() and not (page.parent / target).with_suffix(".py").exists():
+                broken.append(f"{page.relative_to(ROOT)} -> {target}")
+    assert not broken, f"broken links: {broken}"

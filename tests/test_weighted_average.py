@@ -3,7 +3,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from annotated_transformer import QKVProjection, parameter_free_attention, weighted_average
+from annotated_transformer import QKVProjection, parameter_free_attention
+from annotated_transformer.weighted_average import weighted_average
 
 
 def test_weighted_average_is_the_notes_formula():
