@@ -82,7 +82,7 @@ class Ours(nn.Module):
         return self.model(src, tgt, src_mask, tgt_mask)
 
 
-def three_models(cfg: dict, dropout: float = 0.1, seed: int = 0):
+def three_models(cfg: dict, dropout: float = 0.1, seed: int = 0, compile: bool = False):
     torch.manual_seed(seed)
     ours = make_model(VOCAB, VOCAB, dropout=dropout, **cfg)
     t = nn.Transformer(cfg["d_model"], cfg["h"], cfg["N"], cfg["N"], cfg["d_ff"], dropout, batch_first=True)
@@ -92,7 +92,10 @@ def three_models(cfg: dict, dropout: float = 0.1, seed: int = 0):
                           ours.pos_encoding.pe[: 4096].clone().squeeze(0), copy.deepcopy(ours.generator.proj))
     ref = RefTransformer(VOCAB, VOCAB, dropout=dropout, **cfg)
     fused = use_fused_qkv(copy.deepcopy(ours))  # the opt-in path: one Q/K/V product in self-attention
-    return {"ours": Ours(ours), "torch": theirs, "reference": ref, "ours_fused_qkv": Ours(fused)}
+    models = {"ours": Ours(ours), "torch": theirs, "reference": ref, "ours_fused_qkv": Ours(fused)}
+    if compile:  # opt-in (--compile): torch.compile of our model, compiled during the warm-up steps
+        models["ours_compiled"] = torch.compile(Ours(copy.deepcopy(ours)))
+    return models
 
 
 def make_batch(batch: int, seq: int, device, seed: int = 0):
@@ -131,12 +134,12 @@ def step_flops(step) -> int:
     return counter.get_total_flops()
 
 
-def bench_training(profile: dict, device, peak: dict) -> dict:
+def bench_training(profile: dict, device, peak: dict, compile: bool = False) -> dict:
     out = {}
     amp = device.type == "cuda"
     for name, (batch, seq) in profile["configs"].items():
         cfg = CONFIGS[name]
-        models = three_models(cfg)
+        models = three_models(cfg, compile=compile)
         src, tgt = make_batch(batch, seq, device)
         tokens = int((src != PAD).sum() + (tgt[:, :-1] != PAD).sum())
         row = {"config": {**cfg, "batch": batch, "seq": seq, "tokens_per_step": tokens,
@@ -172,6 +175,9 @@ def bench_training(profile: dict, device, peak: dict) -> dict:
         row["ratio_vs_torch"] = row["ours"]["tokens_per_s"] / row["torch"]["tokens_per_s"]
         row["ratio_vs_reference"] = row["ours"]["tokens_per_s"] / row["reference"]["tokens_per_s"]
         row["fused_qkv_vs_ours"] = row["ours_fused_qkv"]["tokens_per_s"] / row["ours"]["tokens_per_s"]
+        if compile:
+            row["compiled_vs_ours"] = row["ours_compiled"]["tokens_per_s"] / row["ours"]["tokens_per_s"]
+            print(f"train {name:5s}: opt-in torch.compile x{row['compiled_vs_ours']:.2f} vs ours eager", flush=True)
         out[name] = row
         print(f"train {name:5s}: ours {row['ours']['tokens_per_s']:8.0f} tok/s | torch "
               f"{row['torch']['tokens_per_s']:8.0f} | reference {row['reference']['tokens_per_s']:8.0f} | "
@@ -254,7 +260,8 @@ def bench_decoding(profile: dict, device) -> dict:
     return {"config": {**cfg, "name": profile["decode_config"], "batch": profile["decode_batch"], "src_len": 32}, "lengths": out}
 
 
-def run(profile_name: str = "quick", device: str = "auto", parts=("peak", "train", "attention", "decode")) -> dict:
+def run(profile_name: str = "quick", device: str = "auto", parts=("peak", "train", "attention", "decode"),
+        compile: bool = False) -> dict:
     from annotated_transformer.runtime import resolve_device
 
     device = resolve_device(device)
@@ -267,7 +274,7 @@ def run(profile_name: str = "quick", device: str = "auto", parts=("peak", "train
     result["matmul_peak"] = peak
     print(f"matmul peak ({peak['dtype']}, n={peak['size']}): {peak['flops'] / 1e9:.1f} GFLOP/s", flush=True)
     if "train" in parts:
-        result["training"] = bench_training(profile, device, peak)
+        result["training"] = bench_training(profile, device, peak, compile)
     if "attention" in parts:
         result["attention"] = bench_attention(profile, device)
     if "decode" in parts:
@@ -282,8 +289,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--parts", default="train,attention,decode", help="comma-separated subset")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--compile", action="store_true", help="also time torch.compile of our model (opt-in)")
     args = p.parse_args(argv)
-    result = run(args.profile, args.device, tuple(args.parts.split(",")))
+    result = run(args.profile, args.device, tuple(args.parts.split(",")), compile=args.compile)
     out = args.out or Path("build/benchmarks") / f"{result['device'].split(':')[0]}-{args.profile}.json"
     write_json(out, result)
     print(f"wrote {out} ({result['wall_s']:.0f} s)")

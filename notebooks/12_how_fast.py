@@ -65,7 +65,9 @@ print(f"device: {result['device']} | CPU: {m['cpu']} | cores: {m['cores']} | tor
 # in fp32 on CPU (bf16 autocast on CUDA), dropout 0.1, batches with realistic padding. The last
 # column is the opt-in fused Q/K/V projection (`use_fused_qkv(model)`: one matrix product instead of
 # three in each self-attention, same weights and outputs) relative to the default path; it stays
-# opt-in because the measurement decides whether it pays on a given machine.
+# opt-in because the measurement decides whether it pays on a given machine. A second opt-in,
+# `python benchmarks/run.py --compile`, adds `torch.compile` of our model as one more row; the book
+# does not run it, because compiling alone takes longer than this page's time budget.
 
 # %%
 rows = []

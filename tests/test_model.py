@@ -257,3 +257,19 @@ def test_use_fused_qkv_keeps_the_model_output(norm_first):
     flags = [m.fused_qkv for m in model.modules() if hasattr(m, "fused_qkv")]
     assert flags and all(flags)
     torch.testing.assert_close(model(src, tgt, src_mask, tgt_mask), before, atol=1e-5, rtol=1e-5)
+
+
+def test_torch_compile_opt_in_gives_the_same_outputs():
+    """The benchmark's opt-in `--compile` path: torch.compile of our model computes the same function."""
+    from annotated_transformer.model import make_masks, make_model
+
+    torch.manual_seed(0)
+    model = make_model(23, 23, N=1, d_model=16, d_ff=32, h=2, dropout=0.0).eval()
+    src = torch.tensor([[3, 4, 5, 6, 0], [7, 8, 0, 0, 0]])
+    tgt = torch.tensor([[1, 9, 10, 11], [1, 12, 0, 0]])
+    src_mask, tgt_mask = make_masks(src, tgt, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = torch.compile(model)
+        out = compiled(src, tgt, src_mask, tgt_mask)
+    torch.testing.assert_close(out, model(src, tgt, src_mask, tgt_mask), atol=1e-5, rtol=1e-5)
