@@ -95,7 +95,7 @@ class RefTransformer(nn.Module):
     def forward(self, src, tgt):
         src_mask = (src != self.pad).unsqueeze(1)  # (batch, 1, src_len), rebuilt every call
         size = tgt.shape[1]
-        subsequent = torch.triu(torch.ones(1, size, size), diagonal=1) == 0
+        subsequent = torch.triu(torch.ones(1, size, size, device=tgt.device), diagonal=1) == 0
         tgt_mask = (tgt != self.pad).unsqueeze(1) & subsequent
         memory = self.embed(self.src_embed, src)
         for layer in self.encoder:

@@ -13,7 +13,7 @@ import torch
 
 from annotated_transformer.data import BOS_IDX, EOS_IDX, PAD_IDX, encode, save_tokenizer, train_tokenizer
 from annotated_transformer.train import TrainConfig, fit
-from annotated_transformer.translate import (CHECKPOINT_FORMAT, default_checkpoint, evaluate, load_translator,
+from annotated_transformer.translate import (CHECKPOINT_FORMAT, average_states, default_checkpoint, evaluate, load_translator,
                                              make_translator, pad_batch, save_translator, token_batches, translate,
                                              translate_ids, translate_main, translate_sentences)
 
@@ -102,6 +102,40 @@ def test_make_translator_shares_one_matrix():
     m = make_translator(50, N=1, d_model=16, d_ff=32, h=2)
     assert m.src_embed.lut.weight is m.tgt_embed.lut.weight is m.generator.proj.weight
     assert m.config["share_embeddings"] and m.config["tie_output"]
+
+
+def test_average_states_is_the_elementwise_mean():
+    torch.manual_seed(0)
+    models = [make_translator(30, N=1, d_model=16, d_ff=32, h=2) for _ in range(3)]
+    states = [m.state_dict() for m in models]
+    avg = average_states(states)
+    assert list(avg) == list(states[-1])
+    for k, v in avg.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(v, sum(st[k] for st in states) / 3)
+    one = average_states(states[:1])
+    assert all(torch.equal(one[k], states[0][k]) for k in one)
+    merged = make_translator(30, N=1, d_model=16, d_ff=32, h=2)
+    merged.load_state_dict(avg)  # shared embedding: three keys, one matrix, one mean
+    assert torch.equal(merged.generator.proj.weight, avg["generator.proj.weight"])
+
+
+def test_average_states_keeps_dtype_and_non_float_tensors():
+    a = {"w": torch.ones(2, dtype=torch.bfloat16), "n": torch.tensor([1])}
+    b = {"w": torch.full((2,), 3.0, dtype=torch.bfloat16), "n": torch.tensor([7])}
+    out = average_states([a, b])
+    assert out["w"].dtype == torch.bfloat16 and out["w"].tolist() == [2.0, 2.0]
+    assert out["n"].tolist() == [7]
+
+
+def test_average_states_refuses_other_models():
+    with pytest.raises(ValueError, match="at least one"):
+        average_states([])
+    a = make_translator(30, N=1, d_model=16, d_ff=32, h=2).state_dict()
+    with pytest.raises(ValueError, match="other entries"):
+        average_states([a, make_translator(30, N=2, d_model=16, d_ff=32, h=2).state_dict()])
+    with pytest.raises(ValueError, match="shape"):
+        average_states([a, make_translator(40, N=1, d_model=16, d_ff=32, h=2).state_dict()])
 
 
 def test_the_tiny_model_memorised_its_pairs(trained):

@@ -84,6 +84,7 @@ _EXPORTS = {
     'default_checkpoint': 'translate',
     'load_translator': 'translate',
     'translate_ids': 'translate',
+    'average_states': 'translate',
     'translate_sentences': 'translate',
     'evaluate': 'translate',
     'translate_main': 'translate',
