@@ -1439,13 +1439,14 @@ if not full_runs:
 # way. Both symptoms are what more training removes first; the rare-word gap is the one
 # that remains, and it is what subword vocabularies (above) and more data address.
 #
-# The GPU run's report (above) is the first kind of model. Its outputs are about as
-# long as the references and loop about as rarely, and the gap has moved to where the notes' white
-# rose predicts: sentences with a source word seen at most twice in training score far lower than the
-# rest, and the lowest-scoring sentences are ones where an unfamiliar word or a long description made
-# the model give up after a few words, a fluent but nearly empty caption. The "missing" and "made up"
-# lists are now mostly small function words (`is`, `a`, `on`): a reference and a good translation
-# that phrase the same scene differently.
+# The full runs' reports (above) are the first kind of model. Their outputs are about as long as the
+# references, loops are down to a few in a hundred sentences or fewer, and the gap has moved to
+# where the notes' white rose predicts: sentences with a source word seen at most twice in training score far lower than the
+# rest, in both runs, and the lowest-scoring sentences are ones where an unfamiliar word or a long
+# description made the model give up after a few words (a fluent but nearly empty caption) or guess
+# from the pieces of a word it does not know. The
+# "missing" and "made up" lists are now mostly small function words (`is`, `a`, `on`): a reference
+# and a good translation that phrase the same scene differently.
 
 # %% [markdown]
 # ## Using the model: `translate()` and the command line
