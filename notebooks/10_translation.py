@@ -1266,10 +1266,11 @@ results_path.write_text(json.dumps(results, indent=2) + "\n")
 print("wrote", results_path.relative_to(repo_root()))
 
 # %% [markdown]
-# The published run, if it has been made (this cell reads the file; nothing in it is typed by hand).
-# It ran on a lent GPU machine that has PyTorch but no Jupyter, so the chapter ran there as a plain
-# script (`tools/run_plain.py`, the same cells in the same order, parameters injected after the
-# parameters cell as papermill does) and its record was copied into `results/`:
+# The published runs, where they have been made (this cell reads the files; nothing in it is typed by
+# hand). The GPU run was made on a lent machine that has PyTorch but no Jupyter, so both full runs
+# executed the chapter as a plain script (`tools/run_plain.py`: the same cells in the same order,
+# parameters injected after the parameters cell as papermill does) and wrote their records into
+# `results/`:
 
 # %%
 full_runs = {path.stem.removeprefix("translation-full-"): json.loads(path.read_text())
@@ -1293,10 +1294,11 @@ if not full_runs:
 # %%
 if full_runs:
     fig, ax = plt.subplots(figsize=(6.5, 3.4))
-    for (name, full), color in zip(full_runs.items(), ("C0", "C1", "C2")):
+    for i, (name, full) in enumerate(full_runs.items()):
+        label = f"{name} ({full['device_name']})"
         ax.plot([c["step"] for c in full["curve"]], [c["bleu"] for c in full["curve"]], marker="o", ms=3,
-                color=color, label=f"{full['device_name']}: validation BLEU (greedy)")
-        ax.axhline(full["bleu_beam4"], color=color, ls="--", lw=0.8, label=f"{full['device_name']}: test BLEU, beam 4")
+                color=f"C{i}", label=f"{label}: validation BLEU (greedy)")
+        ax.axhline(full["bleu_beam4"], color=f"C{i}", ls="--", lw=0.8, label=f"{label}: test BLEU, beam 4")
     ax.set_xscale("log")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("BLEU")

@@ -246,8 +246,9 @@ if not found:
 # - **`torch.nn.Transformer` stays ahead of ours on the GPU.** Both run the same matrix products, and
 #   PyTorch's module has fused fast paths ours does not use. Ours also checks every batch of token ids
 #   against the vocabulary on the host (a clear error instead of a device-side assert), which makes the
-#   CPU wait for the GPU once per embedding call; `torch.compile` reports that check as a graph break.
-#   The opt-in compiled model recovers more than the gap.
+#   CPU wait for the GPU twice per embedding call (for the smallest and the largest id);
+#   `torch.compile` reports that check as a graph break. The opt-in compiled model recovers more than
+#   the gap.
 # - **The KV cache saves little on the GPU at these sizes.** A decoding step for a batch of 16 is a
 #   few dozen small kernels whether it reprocesses the whole prefix or only the new token: the GPU
 #   has spare arithmetic, so recomputing the prefix costs little until it is long. The saving still

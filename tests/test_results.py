@@ -45,7 +45,7 @@ def test_translation_record_is_consistent(path):
     assert max(c["bleu"] for c in r["curve"]) == pytest.approx(r["best_val_bleu_greedy"], abs=0.01)
     assert r["best_step"] in steps
     if r["stopped_by_budget"]:
-        assert r["train_wall_s"] >= r["budget_s"] and r["steps"] < r["train"].get("steps", float("inf"))
+        assert r["train_wall_s"] >= r["budget_s"]
     assert all(math.isfinite(c["loss"]) for c in r["curve"])
 
 
