@@ -465,6 +465,15 @@ def _check_mask(mask: torch.Tensor, scores_shape) -> None:
             f"mask of shape {tuple(mask.shape)} does not broadcast to the attention scores' shape "
             f"{tuple(scores_shape)} (..., q_len, k_len)"
         )
+    # A 2-D mask broadcasts as (q_len, k_len). When the batch size equals q_len, a (batch, k_len)
+    # padding mask has that shape too and would silently be applied per query: refuse the guess.
+    if mask.dim() == 2 and len(scores_shape) >= 3 and mask.shape[0] == scores_shape[0] == scores_shape[-2] > 1:
+        raise ValueError(
+            f"a 2-D mask {tuple(mask.shape)} is ambiguous here: the batch size and q_len are both "
+            f"{scores_shape[0]}, so it could be (q_len, k_len) or a (batch, k_len) padding mask. Say which: "
+            "a (q_len, k_len) mask as mask[None, None], a padding mask as padding_mask(tokens, pad_idx) "
+            "(or mask[:, None, None, :])"
+        )
 
 
 def scaled_dot_product_attention(q, k, v, mask=None, dropout_p: float = 0.0):
@@ -481,6 +490,8 @@ def scaled_dot_product_attention(q, k, v, mask=None, dropout_p: float = 0.0):
         if not isinstance(t, torch.Tensor) or t.dim() < 2:
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"{name} must be a tensor of shape (..., seq, dim), got {shape}")
+        if not t.is_floating_point():  # integer weights would round every softmax weight to 0
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}: convert it with .float()")
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q and k must share d_k: q is {tuple(q.shape)} (d_k={q.shape[-1]}), "
                          f"k is {tuple(k.shape)} (d_k={k.shape[-1]})")
@@ -615,9 +626,11 @@ for name, (ours, theirs) in cases.items():
 
 # %% [markdown]
 # Bad input fails loudly, naming what is wrong, instead of broadcasting into a silently wrong
-# answer. The last case is the classic one: a (batch, 1, 1, seq) padding mask given to
-# attention over 3-D tensors (no head dimension) would broadcast the scores up to
-# (batch, batch, q_len, k_len).
+# answer. Two cases are classics: a (batch, 1, 1, seq) padding mask given to attention over 3-D
+# tensors (no head dimension) would broadcast the scores up to (batch, batch, q_len, k_len); and a
+# (batch, seq) padding mask, when the batch size happens to equal the number of queries, has the
+# shape of a (q_len, k_len) mask and would be applied per *query* instead of per sentence. Integer
+# inputs are refused too: their softmax weights would round to zero.
 
 # %% tags=["nbval-check-output"]
 bad_calls = {
@@ -626,6 +639,9 @@ bad_calls = {
     "q, k of different d_k": lambda: scaled_dot_product_attention(q, k[..., :8], v),
     "k, v of different length": lambda: scaled_dot_product_attention(q, k, v[..., :6, :]),
     "4-D mask, 3-D scores": lambda: scaled_dot_product_attention(q[:, 0], k[:, 0], v[:, 0], mask=padding_mask(tok, 0)),
+    "(batch, seq) mask, batch = q_len": lambda: scaled_dot_product_attention(q[:, 0, :2], k[:, 0], v[:, 0],
+                                                                            mask=tok[:, :] != 0),
+    "integer tensors": lambda: scaled_dot_product_attention(q.long(), k.long(), v.long()),
 }
 for name, call in bad_calls.items():
     try:

@@ -198,7 +198,11 @@ class MultiHeadAttention(nn.Module):
 
         mask: bool, True = may attend, broadcastable to (batch, h, q_len, k_len), e.g. a
         (batch, 1, 1, k_len) padding mask or a (q_len, k_len) causal mask. 3-D masks are refused:
-        (batch, q_len, k_len) would broadcast against the head dimension; use mask[:, None].
+        (batch, q_len, k_len) would broadcast against the head dimension; use mask[:, None]. A 2-D
+        mask whose first size equals both batch and q_len is refused too (it could be a (batch, k_len)
+        padding mask): pass mask[None, None] for a (q_len, k_len) mask. Unlike nn.MultiheadAttention,
+        need_weights=False returns None for the weights (and takes the fused kernel); True returns
+        per-head weights (batch, h, q_len, k_len), not their average over heads.
         """
         for name, t in (("query", query), ("key", key), ("value", value)):
             if not isinstance(t, torch.Tensor) or t.dim() != 3 or t.shape[-1] != self.d_model:
@@ -569,6 +573,7 @@ bad_calls = {
     "float mask": lambda: mha(q8, q8, q8, mask=causal_mask(8).float()),
     "mask of the wrong size": lambda: mha(q8, q8, q8, mask=causal_mask(6)),
     "3-D mask": lambda: mha(q8, q8, q8, mask=torch.ones(2, 8, 8, dtype=torch.bool)),
+    "(batch, seq) mask, batch = q_len": lambda: mha(q8[:, :2], q8, q8, mask=torch.ones(2, 8, dtype=torch.bool)),
 }
 for name, call in bad_calls.items():
     try:

@@ -122,7 +122,11 @@ del tables
 # table times $\sqrt{d_\text{model}}$; `make_model` initialises it as tensor2tensor did. It checks
 # token ids are inside the vocabulary, because an out-of-range id is the most common bug in a
 # data pipeline and `nn.Embedding`'s own error (an index error deep in the kernel, or a device-side
-# assert on a GPU) does not say which sizes disagreed.
+# assert on a GPU) does not say which sizes disagreed. The check runs *on the device*
+# (`torch._assert_async`): reading `tokens.max()` back to Python would stall a GPU once per call and
+# split a `torch.compile` graph. The entry points that take ids from a user (`check_token_ids`,
+# called by the decoders and the training batches) check them once on the host, with a `ValueError`
+# that names the offending id.
 
 # %%
 #| export
@@ -147,12 +151,24 @@ class Embeddings(nn.Module):
         if tokens.dim() != 2 or tokens.size(0) == 0 or tokens.size(1) == 0:
             raise ValueError(f"token ids must have shape (batch, seq) with batch >= 1 and seq >= 1 "
                              f"(an empty batch or sequence has nothing to embed), got {tuple(tokens.shape)}")
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab):
-            raise ValueError(
-                f"token ids must lie in [0, {self.vocab}) for a vocabulary of {self.vocab}, "
-                f"got ids from {int(tokens.min())} to {int(tokens.max())}"
-            )
+        # On the device, without a host sync: a CPU raises RuntimeError here, a GPU a device-side assert.
+        torch._assert_async(((tokens >= 0) & (tokens < self.vocab)).all(),
+                            f"token ids must lie in [0, {self.vocab}) for a vocabulary of {self.vocab}")
         return self.lut(tokens) * math.sqrt(self.d_model)
+
+
+def check_token_ids(tokens: torch.Tensor, vocab: int, what: str = "token ids") -> None:
+    """Host-side check for public entry points: tokens is a (batch, seq) integer tensor of ids in
+    [0, vocab). Reads the extremes back to Python: call it once per batch, not inside forward."""
+    if not isinstance(tokens, torch.Tensor) or tokens.is_floating_point() or tokens.is_complex() \
+            or tokens.dtype == torch.bool:
+        kind = f"a {tokens.dtype} tensor" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        raise TypeError(f"{what} must be an integer tensor, got {kind}")
+    if tokens.dim() != 2 or tokens.numel() == 0:
+        raise ValueError(f"{what} must have shape (batch, seq) with batch >= 1 and seq >= 1, got {tuple(tokens.shape)}")
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high >= vocab:
+        raise ValueError(f"{what} must lie in [0, {vocab}) for a vocabulary of {vocab}, got ids from {low} to {high}")
 
 # %% [markdown]
 # ## 2. The encoder layer: two sublayers
@@ -457,12 +473,18 @@ def make_model(src_vocab: int, tgt_vocab: int, N: int = 6, d_model: int = 512, d
     """
     for name, value in (("src_vocab", src_vocab), ("tgt_vocab", tgt_vocab), ("N", N), ("d_model", d_model),
                         ("d_ff", d_ff), ("h", h), ("max_len", max_len)):
-        if not isinstance(value, int) or value < 1:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if d_model % h:
         raise ValueError(f"d_model={d_model} is not divisible by h={h}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 < eps < 1.0:
+        raise ValueError(f"eps (LayerNorm's variance floor) must be a number in (0, 1), got {eps!r}: with eps=0 "
+                         "a constant row divides 0 by 0")
+    for name, flag in (("norm_first", norm_first), ("tie_output", tie_output), ("share_embeddings", share_embeddings)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
     if activation not in ("relu", "gelu"):
         raise ValueError(f"activation must be 'relu' or 'gelu', got {activation!r}")
     if share_embeddings and src_vocab != tgt_vocab:
@@ -551,13 +573,14 @@ short = make_model(src_vocab=11, tgt_vocab=13, N=1, d_model=32, d_ff=64, h=4, ma
 bad_calls = {
     "tied vocabularies": lambda: make_model(src_vocab=8000, tgt_vocab=6000, share_embeddings=True),
     "too long": lambda: short.encode(torch.randint(3, 11, (1, 20))),
-    "out of vocabulary": lambda: short.encode(torch.tensor([[3, 12]])),
+    "out of vocabulary (inside forward: checked on the device)": lambda: short.encode(torch.tensor([[3, 12]])),
+    "out of vocabulary (an entry point's host check)": lambda: check_token_ids(torch.tensor([[3, 12]]), 11, "src"),
 }
 for what, call in bad_calls.items():
     try:
         call()
-    except ValueError as err:
-        print(f"{what}: ValueError: {err}")
+    except (ValueError, RuntimeError) as err:
+        print(f"{what}: {type(err).__name__}: {err}")
 
 # %% [markdown]
 # ## 7. Counting parameters: base and big

@@ -254,3 +254,21 @@ def test_shape_errors_name_the_sizes():
     with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\], got 1.5"):
         scaled_dot_product_attention(q, k, v, dropout_p=1.5)
 
+
+
+@pytest.mark.parametrize("dtype", [torch.long, torch.int32, torch.bool])
+def test_non_floating_inputs_are_refused(dtype):
+    """Integer q, k, v used to return int64 zeros (the softmax weights cast to v's dtype)."""
+    q = torch.ones(2, 3, 4).to(dtype)
+    with pytest.raises(TypeError, match=f"floating-point.*{str(dtype).split('.')[-1]}"):
+        scaled_dot_product_attention(q, q, q)
+    with pytest.raises(TypeError, match="v must be a floating-point"):
+        scaled_dot_product_attention(torch.ones(2, 3, 4), torch.ones(2, 3, 4), q)
+
+
+def test_two_d_mask_is_ambiguous_only_when_batch_equals_q_len():
+    q = torch.randn(4, 4, 8)
+    with pytest.raises(ValueError, match="ambiguous"):
+        scaled_dot_product_attention(q, q, q, mask=torch.ones(4, 4, dtype=torch.bool))
+    scaled_dot_product_attention(q, q, q, mask=torch.ones(4, 4, dtype=torch.bool)[None])       # (1, q, k): fine
+    scaled_dot_product_attention(q[:1], q[:1], q[:1], mask=causal_mask(4))                     # batch 1: fine

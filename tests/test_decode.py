@@ -36,19 +36,70 @@ def assert_well_formed(out, batch, max_len):
 
 
 # --------------------------------------------------------------------------- the cache
-@pytest.mark.parametrize("norm_first", [False, True])
-def test_decode_step_matches_the_full_decoder(norm_first):
+@pytest.mark.parametrize("norm_first,static,capacity", [(False, False, 7), (True, False, 7), (False, True, 7),
+                                                        (True, True, 11), (False, False, 2)])
+def test_decode_step_matches_the_full_decoder(norm_first, static, capacity):
+    """Growing and static caches (and a growing one that starts too small) give the full decoder's rows."""
     model = random_model(norm_first=norm_first).eval()
     src, tgt = sources(), torch.randint(3, 20, (5, 7))
     src_mask = padding_mask(src, PAD)
     with torch.no_grad():
         memory = model.encode(src, src_mask)
         full = model.generator(model.decode(memory, src_mask, tgt, causal_mask(7)))   # (5, 7, vocab)
-        cache = KVCache(model, memory)
+        cache = KVCache(model, memory, capacity=capacity, static=static)
         for t in range(7):
             step = decode_step(model, tgt[:, t], cache, src_mask)
             assert (step - full[:, t]).abs().max() < 1e-5, t
-    assert cache.length == 7 and cache.self_k[0].shape == (5, 4, 7, 8) and cache.cross[1][0].shape == (5, 4, 9, 8)
+    assert cache.length == 7 and cache.position.tolist() == [7] and cache.cross[1][0].shape == (5, 4, 9, 8)
+    assert cache.self_k[0].shape == (5, 4, 8 if capacity == 2 else capacity, 8)   # 2 -> 4 -> 8: doubled twice
+
+
+def test_static_cache_writes_in_place_and_refuses_to_overflow():
+    model = random_model().eval()
+    src = sources()
+    src_mask = padding_mask(src, PAD)
+    with torch.no_grad():
+        cache = KVCache(model, model.encode(src, src_mask), capacity=3, static=True)
+        buffers = [t.data_ptr() for t in cache.self_k + cache.self_v]
+        for _ in range(3):
+            decode_step(model, torch.full((5,), BOS), cache, src_mask)
+        cache.reorder(torch.tensor([4, 3, 2, 1, 0]))                  # beam search's reordering: in place
+        assert [t.data_ptr() for t in cache.self_k + cache.self_v] == buffers
+        with pytest.raises(ValueError, match="holds 3 positions and is full"):
+            decode_step(model, torch.full((5,), BOS), cache, src_mask)
+
+
+def test_cache_reorder_moves_rows():
+    model = random_model().eval()
+    src = sources()
+    src_mask = padding_mask(src, PAD)
+    with torch.no_grad():
+        cache = KVCache(model, model.encode(src, src_mask), capacity=4)
+        decode_step(model, torch.arange(3, 8), cache, src_mask)
+        before = cache.self_k[1].clone()
+        cache.reorder(torch.tensor([2, 2, 0, 1, 4]))
+    assert torch.equal(cache.self_k[1], before[[2, 2, 0, 1, 4]])
+
+
+def test_cached_step_compiles_without_a_graph_break():
+    """A static-cache step is one graph (no host sync, no data-dependent Python): CUDA graphs can capture it."""
+    model = random_model().eval()
+    src = sources()
+    src_mask = padding_mask(src, PAD)
+    with torch.no_grad():
+        memory = model.encode(src, src_mask)
+        eager, compiled = (KVCache(model, memory, capacity=6, static=True) for _ in range(2))
+        step = torch.compile(decode_step, backend="eager", fullgraph=True)
+        for t in range(3):
+            token = torch.full((5,), BOS) if t == 0 else torch.arange(3, 8)
+            torch.testing.assert_close(step(model, token, compiled, src_mask), decode_step(model, token, eager, src_mask))
+    assert compiled.length == 3 and compiled.position.tolist() == [3]
+
+
+def test_kv_cache_refuses_a_bad_capacity():
+    model = random_model().eval()
+    with pytest.raises(ValueError, match="capacity"):
+        KVCache(model, torch.zeros(2, 3, 32), capacity=0)
 
 
 def test_decode_step_refuses_a_cache_for_another_batch():

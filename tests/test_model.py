@@ -9,8 +9,8 @@ from torch import nn
 
 from annotated_transformer.attention import causal_mask
 from annotated_transformer.model import (
-    Decoder, DecoderLayer, Embeddings, Encoder, EncoderLayer, Generator, Transformer, count_parameters,
-    from_torch, make_masks, make_model,
+    Decoder, DecoderLayer, Embeddings, Encoder, EncoderLayer, Generator, Transformer, check_token_ids,
+    count_parameters, from_torch, make_masks, make_model,
 )
 
 PAD = 0
@@ -157,8 +157,17 @@ def test_embeddings_scale_and_errors():
     emb = Embeddings(10, 16)
     ids = torch.tensor([[1, 2, 3]])
     assert torch.allclose(emb(ids), emb.lut(ids) * 4.0)
-    with pytest.raises(ValueError, match=r"\[0, 10\).*got ids from 1 to 10"):
+    with pytest.raises(RuntimeError, match=r"\[0, 10\)"):     # checked on the device: no host sync
         emb(torch.tensor([[1, 10]]))
+    with pytest.raises(RuntimeError, match=r"\[0, 10\)"):
+        emb(torch.tensor([[-1, 2]]))
+    with pytest.raises(ValueError, match=r"\[0, 10\).*got ids from 1 to 10"):   # the entry points' host check
+        check_token_ids(torch.tensor([[1, 10]]), 10)
+    with pytest.raises(TypeError, match="integer"):
+        check_token_ids(torch.tensor([[1.0]]), 10)
+    with pytest.raises(ValueError, match=r"\(3,\)"):
+        check_token_ids(torch.tensor([1, 2, 3]), 10)
+    check_token_ids(torch.tensor([[0, 9]]), 10)                      # the edges are fine
     with pytest.raises(TypeError, match="integer"):
         emb(torch.tensor([[1.0]]))
     with pytest.raises(ValueError, match="positive"):
@@ -194,7 +203,7 @@ def test_bad_input_errors_name_the_sizes():
     src = torch.randint(3, 13, (2, 9))                                   # longer than the positional table
     with pytest.raises(ValueError, match="max_len=8"):
         model.encode(src)
-    with pytest.raises(ValueError, match=r"\[0, 13\)"):                   # a target id fed to the source side
+    with pytest.raises(RuntimeError, match=r"\[0, 13\)"):                 # a target id fed to the source side
         model.encode(torch.tensor([[3, 13]]))
     with pytest.raises(ValueError, match="src has batch 2 but tgt has batch 3"):
         model(torch.randint(3, 13, (2, 4)), torch.randint(3, 11, (3, 4)))

@@ -356,3 +356,26 @@ def test_fused_qkv_opt_in_equals_separate_projections(bias):
         torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-5)
     memory = torch.randn(3, 4, 32)
     torch.testing.assert_close(fused(x, memory, memory)[0], plain(x, memory, memory)[0])
+
+
+def test_a_batch_seq_padding_mask_is_not_silently_applied_per_query():
+    """With batch == q_len, a (batch, k_len) padding mask has the shape of a (q_len, k_len) mask.
+    Accepting it applied row i of the padding to query i of *every* sentence: refused instead."""
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(16, 4).eval()
+    tokens = torch.randint(1, 9, (5, 5))
+    tokens[0, 3:] = 0
+    tokens[2, 1:] = 0
+    x = torch.randn(5, 5, 16)
+    with pytest.raises(ValueError, match=r"\(5, 5\) is ambiguous.*padding_mask"):
+        mha(x, x, x, mask=tokens != 0)
+    right, _ = mha(x, x, x, mask=padding_mask(tokens, 0))
+    as_queries, _ = mha(x, x, x, mask=(tokens != 0)[None, None])      # what the 2-D mask used to mean
+    assert (right - as_queries).abs().max() > 0.1                      # the two readings really differ
+    # the model's stacks reach the same check
+    from annotated_transformer.model import make_model
+    model = make_model(9, 9, N=1, d_model=16, d_ff=32, h=4).eval()
+    with pytest.raises(ValueError, match="ambiguous"):
+        model.encode(tokens, tokens != 0)
+    # a 2-D mask whose shape fixes its meaning is still accepted
+    mha(x[:, :3], x, x, mask=torch.ones(3, 5, dtype=torch.bool))

@@ -82,6 +82,8 @@ class AttnCase:
                 m[i, :] = False       # query i of every example
             else:
                 m[b, 0, i, :] = False
+        if self.kind == "query_key" and self.batch == self.q_len > 1:
+            m = m[None, None]         # a 2-D mask is refused as ambiguous when batch == q_len: say (q_len, k_len)
         return m
 
     def scores_shape(self):

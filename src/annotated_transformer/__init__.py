@@ -27,6 +27,7 @@ _EXPORTS = {
     'SublayerConnection': 'residual',
     'PositionwiseFeedForward': 'residual',
     'Embeddings': 'model',
+    'check_token_ids': 'model',
     'EncoderLayer': 'model',
     'DecoderLayer': 'model',
     'Encoder': 'model',

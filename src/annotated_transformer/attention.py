@@ -48,6 +48,15 @@ def _check_mask(mask: torch.Tensor, scores_shape) -> None:
             f"mask of shape {tuple(mask.shape)} does not broadcast to the attention scores' shape "
             f"{tuple(scores_shape)} (..., q_len, k_len)"
         )
+    # A 2-D mask broadcasts as (q_len, k_len). When the batch size equals q_len, a (batch, k_len)
+    # padding mask has that shape too and would silently be applied per query: refuse the guess.
+    if mask.dim() == 2 and len(scores_shape) >= 3 and mask.shape[0] == scores_shape[0] == scores_shape[-2] > 1:
+        raise ValueError(
+            f"a 2-D mask {tuple(mask.shape)} is ambiguous here: the batch size and q_len are both "
+            f"{scores_shape[0]}, so it could be (q_len, k_len) or a (batch, k_len) padding mask. Say which: "
+            "a (q_len, k_len) mask as mask[None, None], a padding mask as padding_mask(tokens, pad_idx) "
+            "(or mask[:, None, None, :])"
+        )
 
 
 def scaled_dot_product_attention(q, k, v, mask=None, dropout_p: float = 0.0):
@@ -64,6 +73,8 @@ def scaled_dot_product_attention(q, k, v, mask=None, dropout_p: float = 0.0):
         if not isinstance(t, torch.Tensor) or t.dim() < 2:
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"{name} must be a tensor of shape (..., seq, dim), got {shape}")
+        if not t.is_floating_point():  # integer weights would round every softmax weight to 0
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}: convert it with .float()")
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q and k must share d_k: q is {tuple(q.shape)} (d_k={q.shape[-1]}), "
                          f"k is {tuple(k.shape)} (d_k={k.shape[-1]})")

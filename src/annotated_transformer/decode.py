@@ -8,52 +8,76 @@ import math
 import torch
 
 from annotated_transformer.attention import causal_mask, padding_mask
-from annotated_transformer.model import Transformer
+from annotated_transformer.model import Transformer, check_token_ids
 
 
 class KVCache:
-    """The decoder's keys and values, kept between decoding steps.
+    """The decoder's keys and values, kept between decoding steps in buffers allocated once.
 
     cross[i] = (k, v): layer i's cross-attention keys/values of the memory, (rows, h, src_len, d_k),
-    computed once. self_k[i], self_v[i]: layer i's self-attention keys/values of every target position
-    so far, (rows, h, length, d_k), one position longer after each step.
+    computed once. self_k[i], self_v[i]: layer i's self-attention keys and values, (rows, h, capacity,
+    d_k); step t writes position t in place. `position` counts the positions written, as a (1,) long
+    tensor on the device, and `length` as a Python int.
+
+    static=False attends over the written positions only, k[:, :, :length] (the least arithmetic; the
+    buffers double when full). static=True attends over the whole buffer with a mask built on the
+    device from `position`: every step then has the same shapes and reads no Python counter, so it can
+    be captured as a CUDA graph (torch.compile(mode="reduce-overhead")); `capacity` must then hold the
+    whole output.
     """
 
-    def __init__(self, model: Transformer, memory: torch.Tensor):
-        if memory.dim() != 3 or memory.size(-1) != model.decoder.layers[0].d_model:
-            raise ValueError(f"memory must be (batch, src_len, d_model={model.decoder.layers[0].d_model}), "
-                             f"got {tuple(memory.shape)}")
-        self.rows = memory.size(0)
-        self.cross = []
+    def __init__(self, model: Transformer, memory: torch.Tensor, capacity: int = 64, static: bool = False):
+        d_model = model.decoder.layers[0].d_model
+        if memory.dim() != 3 or memory.size(-1) != d_model:
+            raise ValueError(f"memory must be (batch, src_len, d_model={d_model}), got {tuple(memory.shape)}")
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"capacity (target positions to hold) must be a positive int, got {capacity!r}")
+        self.rows, self.capacity, self.static = memory.size(0), capacity, bool(static)
+        self.cross, self.self_k, self.self_v = [], [], []
         for layer in model.decoder.layers:
             attn = layer.src_attn
             self.cross.append((attn.split_heads(attn.w_k(memory)), attn.split_heads(attn.w_v(memory))))
-        self.self_k: list = [None] * len(model.decoder.layers)
-        self.self_v: list = [None] * len(model.decoder.layers)
-        self.length = 0  # target positions cached so far
+            shape = (self.rows, attn.h, capacity, attn.d_k)                       # (rows, h, capacity, d_k)
+            self.self_k.append(memory.new_zeros(shape))
+            self.self_v.append(memory.new_zeros(shape))
+        self.position = torch.zeros(1, dtype=torch.long, device=memory.device)  # next position to write
+        self.length = 0                                                          # the same, on the host
+
+    def _grow(self) -> None:
+        if self.static:
+            raise ValueError(f"the static KV cache holds {self.capacity} positions and is full: build it "
+                             "with a capacity that covers the whole output (max_len)")
+        self.self_k = [torch.cat([k, torch.zeros_like(k)], dim=2) for k in self.self_k]
+        self.self_v = [torch.cat([v, torch.zeros_like(v)], dim=2) for v in self.self_v]
+        self.capacity *= 2
 
     def reorder(self, index: torch.Tensor) -> None:
-        """Keep rows `index` of the self-attention cache (beam search re-ranks its hypotheses).
+        """Keep rows `index` of the self-attention cache (beam search re-ranks its hypotheses), in place
+        when the number of rows stays the same.
 
         The cross-attention cache is not touched: beam search only moves rows between the beams of
         one source, which share the same memory.
         """
-        self.self_k = [k.index_select(0, index) for k in self.self_k]
-        self.self_v = [v.index_select(0, index) for v in self.self_v]
-        self.rows = index.numel()
+        if index.numel() == self.rows:
+            for buf in self.self_k + self.self_v:
+                buf.copy_(buf.index_select(0, index))
+        else:
+            self.self_k = [k.index_select(0, index) for k in self.self_k]
+            self.self_v = [v.index_select(0, index) for v in self.self_v]
+            self.rows = index.numel()
 
 
-def _layer_step(layer, x: torch.Tensor, cache: KVCache, i: int, src_mask) -> torch.Tensor:
+def _layer_step(layer, x: torch.Tensor, cache: KVCache, i: int, src_mask, self_mask) -> torch.Tensor:
     """Decoder layer i on the newest position x (rows, 1, d_model), reading and extending the cache."""
 
     def self_attend(y):                                       # y (rows, 1, d_model), normed first if pre-LN
         attn = layer.self_attn
-        k, v = attn.split_heads(attn.w_k(y)), attn.split_heads(attn.w_v(y))   # (rows, h, 1, d_k)
-        if cache.self_k[i] is not None:
-            k = torch.cat([cache.self_k[i], k], dim=2)                        # (rows, h, t + 1, d_k)
-            v = torch.cat([cache.self_v[i], v], dim=2)
-        cache.self_k[i], cache.self_v[i] = k, v
-        return attn.attend(attn.split_heads(attn.w_q(y)), k, v)[0]          # sees all of 0..t: no mask
+        k_buf, v_buf = cache.self_k[i], cache.self_v[i]                       # (rows, h, capacity, d_k)
+        k_buf.index_copy_(2, cache.position, attn.split_heads(attn.w_k(y)))  # write position t in place
+        v_buf.index_copy_(2, cache.position, attn.split_heads(attn.w_v(y)))
+        if not cache.static:                                                   # the written prefix 0..t
+            k_buf, v_buf = k_buf[:, :, : cache.length + 1], v_buf[:, :, : cache.length + 1]
+        return attn.attend(attn.split_heads(attn.w_q(y)), k_buf, v_buf, self_mask)[0]
 
     def cross_attend(y):
         attn = layer.src_attn
@@ -69,15 +93,26 @@ def decode_step(model: Transformer, token: torch.Tensor, cache: KVCache, src_mas
     """Log-probabilities of the next token, given the newest token (rows,) and the cache; extends the cache.
 
     Equal (to float rounding) to the last row of model.generator(model.decode(...)) on the whole prefix.
+    No host synchronisation: with a static cache, a step can be compiled whole or captured as a CUDA graph.
     """
     if token.dim() != 1 or token.size(0) != cache.rows:
         raise ValueError(f"the cache holds {cache.rows} rows but the step has {tuple(token.shape)[0] if token.dim() else 0} "
                          f"tokens (token must be (rows,), got shape {tuple(token.shape)})")
-    x = model.pos_encoding(model.tgt_embed(token[:, None]), start=cache.length)  # (rows, 1, d_model)
+    pe = model.pos_encoding
+    if cache.length >= pe.max_len:
+        raise ValueError(f"position {cache.length} is past the model's positional table ({pe.max_len} positions)")
+    if cache.length >= cache.capacity:
+        cache._grow()
+    x = model.tgt_embed(token[:, None])                                           # (rows, 1, d_model)
+    x = pe.dropout(x + pe.pe.index_select(0, cache.position).to(x.dtype))         # PE at position t (a tensor)
+    self_mask = None                                                              # the prefix sees itself whole
+    if cache.static:                                                              # (1, 1, 1, capacity)
+        self_mask = (torch.arange(cache.capacity, device=token.device) <= cache.position)[None, None, None, :]
     for i, layer in enumerate(model.decoder.layers):
-        x = _layer_step(layer, x, cache, i, src_mask)
+        x = _layer_step(layer, x, cache, i, src_mask, self_mask)
     if model.decoder.norm is not None:
         x = model.decoder.norm(x)
+    cache.position += 1
     cache.length += 1
     return model.generator(x[:, -1])                                               # (rows, vocab)
 
@@ -85,15 +120,16 @@ def decode_step(model: Transformer, token: torch.Tensor, cache: KVCache, src_mas
 class _Stepper:
     """Next-token log-probabilities for every row of ys, with or without the cache."""
 
-    def __init__(self, model: Transformer, memory: torch.Tensor, src_mask: torch.Tensor, use_cache: bool):
+    def __init__(self, model: Transformer, memory: torch.Tensor, src_mask: torch.Tensor, use_cache: bool,
+                 max_len: int):
         self.model, self.memory, self.src_mask = model, memory, src_mask
-        self.cache = KVCache(model, memory) if use_cache else None
+        self.cache = KVCache(model, memory, capacity=max_len) if use_cache else None
 
     def __call__(self, ys: torch.Tensor) -> torch.Tensor:
         # ys (rows, t): every token so far, <s> first -> (rows, vocab)
         if self.cache is not None:
             return decode_step(self.model, ys[:, -1], self.cache, self.src_mask)
-        out = self.model.decode(self.memory, self.src_mask, ys, causal_mask(ys.size(1), device=ys.device))
+        out = self.model.decode(self.memory, self.src_mask, ys, causal_mask(ys.size(1), device=ys.device)[None, None])
         return self.model.generator(out[:, -1])                       # the whole prefix again, every step
 
     def reorder(self, index: torch.Tensor) -> None:
@@ -109,6 +145,7 @@ def _check_decode_args(model, src, max_len, bos_idx, eos_idx, pad_idx) -> None:
         raise ValueError(f"src must be an integer tensor of token ids of shape (batch, src_len), got a {what}")
     if src.size(0) == 0 or src.size(1) == 0:
         raise ValueError(f"src must hold at least one token in at least one sequence, got shape {tuple(src.shape)}")
+    check_token_ids(src, model.src_embed.vocab, "src")                    # once, on the host
     table = model.pos_encoding.max_len
     if isinstance(max_len, bool) or not isinstance(max_len, int) or not 2 <= max_len <= table:
         raise ValueError(f"max_len (the output length, <s> included) must be an int in [2, {table}] "
@@ -136,7 +173,7 @@ def greedy_decode(model: Transformer, src: torch.Tensor, max_len: int, bos_idx: 
     try:
         src_mask = padding_mask(src, pad_idx)                                 # (batch, 1, 1, src_len)
         memory = model.encode(src, src_mask)                                  # once per source
-        step = _Stepper(model, memory, src_mask, use_cache)
+        step = _Stepper(model, memory, src_mask, use_cache, max_len)
         ys = torch.full((src.size(0), 1), bos_idx, dtype=torch.long, device=src.device)
         done = torch.zeros(src.size(0), dtype=torch.bool, device=src.device)
         for _ in range(max_len - 1):
@@ -183,7 +220,7 @@ def beam_search(model: Transformer, src: torch.Tensor, max_len: int, bos_idx: in
         src_mask = padding_mask(src, pad_idx)                                 # (batch, 1, 1, src_len)
         memory = model.encode(src, src_mask)                                  # once per source, not per beam
         memory, src_mask = memory.repeat_interleave(k, 0), src_mask.repeat_interleave(k, 0)  # (batch*k, ...)
-        step = _Stepper(model, memory, src_mask, use_cache)
+        step = _Stepper(model, memory, src_mask, use_cache, max_len)
         ys = torch.full((batch * k, 1), bos_idx, dtype=torch.long, device=dev)
         scores = torch.zeros(batch, k, device=dev)                            # log P of each hypothesis
         scores[:, 1:] = -inf                                                  # k copies of <s>: keep one

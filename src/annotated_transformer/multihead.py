@@ -93,7 +93,11 @@ class MultiHeadAttention(nn.Module):
 
         mask: bool, True = may attend, broadcastable to (batch, h, q_len, k_len), e.g. a
         (batch, 1, 1, k_len) padding mask or a (q_len, k_len) causal mask. 3-D masks are refused:
-        (batch, q_len, k_len) would broadcast against the head dimension; use mask[:, None].
+        (batch, q_len, k_len) would broadcast against the head dimension; use mask[:, None]. A 2-D
+        mask whose first size equals both batch and q_len is refused too (it could be a (batch, k_len)
+        padding mask): pass mask[None, None] for a (q_len, k_len) mask. Unlike nn.MultiheadAttention,
+        need_weights=False returns None for the weights (and takes the fused kernel); True returns
+        per-head weights (batch, h, q_len, k_len), not their average over heads.
         """
         for name, t in (("query", query), ("key", key), ("value", value)):
             if not isinstance(t, torch.Tensor) or t.dim() != 3 or t.shape[-1] != self.d_model:
