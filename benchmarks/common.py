@@ -111,6 +111,28 @@ def matmul_peak_flops(device: torch.device, dtype=torch.float32, n: int | None =
     return best
 
 
+# Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, in FLOP/s. The SXM parts; a PCIe
+# or NVL card is slower, so MFU against these is a lower bound there. Matched on the device name.
+DATASHEET_BF16_PEAKS = {
+    "H200": (989e12, "NVIDIA H200 Tensor Core GPU datasheet: BF16 1,979 TFLOPS with sparsity, 989 dense (SXM)"),
+    "H100": (989e12, "NVIDIA H100 Tensor Core GPU datasheet: BF16 1,979 TFLOPS with sparsity, 989 dense (SXM)"),
+    "A100": (312e12, "NVIDIA A100 Tensor Core GPU datasheet: BF16 312 TFLOPS dense"),
+    "L40S": (362e12, "NVIDIA L40S datasheet: BF16 733 TFLOPS with sparsity, 362 dense"),
+    "L4": (121e12, "NVIDIA L4 datasheet: BF16 242 TFLOPS with sparsity, 121 dense"),
+}
+
+
+def datasheet_peak(device_name: str | None) -> dict | None:
+    """{"flops", "source", "gpu"} for a GPU whose datasheet bf16 dense peak is known, else None."""
+    if not device_name:
+        return None
+    for key in sorted(DATASHEET_BF16_PEAKS, key=len, reverse=True):   # "L40S" before "L4"
+        if key in device_name:
+            flops, source = DATASHEET_BF16_PEAKS[key]
+            return {"flops": flops, "source": source, "gpu": device_name}
+    return None
+
+
 def write_json(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")

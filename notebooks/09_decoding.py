@@ -316,6 +316,39 @@ class _Stepper:
             self.cache.reorder(index)
 
 
+class _GraphStepper:
+    """The static-cache step captured once as a CUDA graph and replayed for every token: one launch per
+    step instead of one per kernel, which is what bounds small-batch decoding on a GPU (CUDA only)."""
+
+    def __init__(self, model: Transformer, memory: torch.Tensor, src_mask: torch.Tensor, max_len: int):
+        dev = memory.device
+        self.cache = KVCache(model, memory, capacity=max_len, static=True)
+        self.token = torch.zeros(memory.size(0), dtype=torch.long, device=dev)   # the graph's input
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):                      # warm up outside the capture (cuBLAS, allocator)
+            decode_step(model, self.token, self.cache, src_mask)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        self._rewind()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):                 # records the kernels; runs nothing
+            self.logp = decode_step(model, self.token, self.cache, src_mask)   # the graph's output
+        self._rewind()
+
+    def _rewind(self) -> None:
+        self.cache.position.zero_()
+        self.cache.length = 0
+
+    def __call__(self, ys: torch.Tensor) -> torch.Tensor:
+        self.token.copy_(ys[:, -1])
+        self.graph.replay()                                # writes position t, advances cache.position
+        self.cache.length += 1
+        return self.logp                                   # overwritten by the next replay
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.cache.reorder(index)                          # in place: the graph's addresses stay valid
+
+
 def _check_decode_args(model, src, max_len, bos_idx, eos_idx, pad_idx) -> None:
     if not isinstance(model, Transformer):
         raise TypeError(f"model must be an annotated_transformer.model.Transformer, got {type(model).__name__}")
@@ -339,30 +372,44 @@ def _check_decode_args(model, src, max_len, bos_idx, eos_idx, pad_idx) -> None:
 
 @torch.no_grad()
 def greedy_decode(model: Transformer, src: torch.Tensor, max_len: int, bos_idx: int, eos_idx: int,
-                  pad_idx: int = 0, use_cache: bool = True) -> torch.Tensor:
+                  pad_idx: int = 0, use_cache: bool = True, *, cuda_graph: bool = False,
+                  stop_check_every: int = 1) -> torch.Tensor:
     """The most likely next token, one step at a time, for a batch of sources.
 
     src (batch, src_len) ids padded with pad_idx. Returns a LongTensor (batch, L), L <= max_len: <s>,
     the tokens, </s>, then pad_idx. Stops once every row has emitted </s>. pad_idx is never generated.
     use_cache=True keeps the decoder's keys/values (KVCache); False recomputes the prefix every step.
+    cuda_graph=True (CUDA only) replays each step as one captured CUDA graph over a static cache.
+    stop_check_every: read "has every row finished?" back to the host every this many steps (each read
+    is a GPU sync); the output is the same, as padding columns past the last </s> are dropped.
     """
     _check_decode_args(model, src, max_len, bos_idx, eos_idx, pad_idx)
+    if isinstance(stop_check_every, bool) or not isinstance(stop_check_every, int) or stop_check_every < 1:
+        raise ValueError(f"stop_check_every must be a positive int, got {stop_check_every!r}")
+    if cuda_graph and (src.device.type != "cuda" or not use_cache):
+        raise ValueError(f"cuda_graph=True needs a CUDA model and src and use_cache=True, got src on {src.device} "
+                         f"and use_cache={use_cache}")
     was_training = model.training
     model.eval()
     try:
         src_mask = padding_mask(src, pad_idx)                                 # (batch, 1, 1, src_len)
         memory = model.encode(src, src_mask)                                  # once per source
-        step = _Stepper(model, memory, src_mask, use_cache, max_len)
+        if cuda_graph:
+            step = _GraphStepper(model, memory, src_mask, max_len)
+        else:
+            step = _Stepper(model, memory, src_mask, use_cache, max_len)
         ys = torch.full((src.size(0), 1), bos_idx, dtype=torch.long, device=src.device)
         done = torch.zeros(src.size(0), dtype=torch.bool, device=src.device)
-        for _ in range(max_len - 1):
+        for t in range(max_len - 1):
             logp = step(ys)                                                   # (batch, vocab)
             logp[:, pad_idx] = float("-inf")                                  # padding is not a word
             token = logp.argmax(-1).masked_fill(done, pad_idx)                # (batch,)
             ys = torch.cat([ys, token[:, None]], dim=1)
             done |= token == eos_idx
-            if bool(done.all()):                                              # terminate early when possible
+            if (t + 1) % stop_check_every == 0 and bool(done.all()):          # terminate early when possible
                 break
+        if stop_check_every > 1:           # drop the all-padding columns after the last </s> (one sync)
+            ys = ys[:, : int((ys != pad_idx).any(0).nonzero().max()) + 1]
         return ys
     finally:
         model.train(was_training)

@@ -249,3 +249,25 @@ def test_bad_input_is_refused_clearly(call, error, match):
     model = random_model(max_len=30)
     with pytest.raises(error, match=match):
         call(model, sources())
+
+
+@pytest.mark.parametrize("every", [2, 3, 7])
+def test_checking_for_the_end_less_often_gives_the_same_tokens(every):
+    """stop_check_every saves GPU syncs; the padding columns it may add are dropped again."""
+    model = random_model(seed=3).eval()
+    src = sources(seed=3)
+    with torch.no_grad():
+        model.generator.proj.bias[EOS] = 0.2        # rows end at different steps, all before step 7
+    for max_len in (4, 12, 30):
+        want = greedy_decode(model, src, max_len, BOS, EOS, PAD)
+        got = greedy_decode(model, src, max_len, BOS, EOS, PAD, stop_check_every=every)
+        assert torch.equal(got, want), (every, max_len)
+    assert want.shape == (5, 7)                      # so the extra padding columns were really dropped
+
+
+def test_cuda_graph_decoding_is_refused_off_cuda():
+    model = random_model().eval()
+    with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA model"):
+        greedy_decode(model, sources(), 5, BOS, EOS, PAD, cuda_graph=True)
+    with pytest.raises(ValueError, match="stop_check_every must be a positive int"):
+        greedy_decode(model, sources(), 5, BOS, EOS, PAD, stop_check_every=0)

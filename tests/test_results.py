@@ -65,7 +65,7 @@ def test_transfer_record_is_consistent():
 @pytest.mark.parametrize("path", sorted(RESULTS.glob("benchmarks-*.json")), ids=lambda p: p.name)
 def test_benchmark_records_name_their_machine(path):
     r = json.loads(path.read_text())
-    assert r["profile"] in ("quick", "full") and r["device"] in ("cpu", "cuda")
+    assert r["profile"] in ("quick", "full", "gpu") and r["device"] in ("cpu", "cuda")
     assert r["machine"]["torch"] and r["matmul_peak"]["flops"] > 0
     if r["device"] == "cuda":
         assert r["machine"]["cuda"]
