@@ -9,7 +9,6 @@ import platform
 import statistics
 import sys
 import time
-import tracemalloc
 from pathlib import Path
 
 import torch

@@ -21,8 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (bench, datasheet_peak, machine, matmul_peak_flops, peak_memory, quiet_stderr,  # noqa: E402
-                    write_json)
+from common import bench, datasheet_peak, machine, matmul_peak_flops, peak_memory, write_json  # noqa: E402
 from reference import RefTransformer  # noqa: E402
 
 from annotated_transformer.attention import scaled_dot_product_attention  # noqa: E402

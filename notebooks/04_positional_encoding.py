@@ -197,7 +197,6 @@ print("max |sin(x mod 2π) - sin(x)| over the angles of a 5000 x 512 table:", mo
 
 # %%
 #| export
-import math
 from numbers import Integral
 
 import torch

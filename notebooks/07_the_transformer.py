@@ -44,7 +44,6 @@ device = setup(device, profile, seed)
 
 import math
 
-import matplotlib.pyplot as plt
 import torch
 from torch import nn
 

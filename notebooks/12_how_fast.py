@@ -47,9 +47,9 @@ import json
 import sys
 
 import matplotlib.pyplot as plt
-import torch
 
 sys.path.insert(0, str(repo_root() / "benchmarks"))
+import common  # noqa: E402  benchmarks/common.py
 import run as benchmarks  # noqa: E402  benchmarks/run.py
 
 result = benchmarks.run(profile, str(device))
@@ -109,7 +109,7 @@ src, tgt = benchmarks.make_batch(*benchmarks.PROFILES[profile]["configs"]["small
 ours = models["ours"].to(device).train()
 step = benchmarks.train_step_fn(ours, src, tgt, device, amp=device.type == "cuda")
 step()
-with benchmarks.quiet_stderr(), torch_profile() as prof:  # quiet: the profiler's C++ start/stop lines
+with common.quiet_stderr(), torch_profile() as prof:  # quiet: the profiler's C++ start/stop lines
     for _ in range(2):
         step()
 averages = prof.key_averages()

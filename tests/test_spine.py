@@ -65,6 +65,45 @@ def test_exporter_rejects_export_without_default(tmp_path, monkeypatch):
         nb.exports_of(bad)
 
 
+def test_exporter_lists_every_name_of_a_tuple_assignment():
+    assert nb.public_names("A, (B, _c) = 1, (2, 3)\nD: int = 4\n[E, F] = 5, 6\n") == ["A", "B", "D", "E", "F"]
+
+
+def test_generated_modules_keep_their_docstring():
+    """The docstring must stay the module's first statement (before __all__), or help() loses it."""
+    doc, rest = nb.split_docstring('"""One line.\n\nMore."""\nimport os\n')
+    assert doc == '"""One line.\n\nMore."""' and rest.strip() == "import os"
+    for path, text in nb.render_exports().items():
+        if path.name == "__init__.py":
+            continue
+        import ast
+        body = ast.parse(text).body
+        has_doc = body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant)
+        cells_doc = nb.split_docstring("\n".join(l for l in text.splitlines() if not l.startswith("#")))[0]
+        assert bool(has_doc) == bool(cells_doc), path.name
+
+
+def _chapter(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_flow_check_finds_imports_from_later_chapters_and_from_itself(tmp_path):
+    one = _chapter(tmp_path / "01_a.py", "# %%\n#| default_exp alpha\n# %%\n#| export\ndef f(): pass\n"
+                                         "# %%\nfrom annotated_transformer.beta import g\n")
+    two = _chapter(tmp_path / "02_b.py", "# %%\n#| default_exp beta\n# %%\n#| export\n"
+                                         "from annotated_transformer.alpha import f\ndef g(): pass\n"
+                                         "# %%\nfrom annotated_transformer import g, f\n")
+    problems = nb.flow_problems([one, two])
+    assert len(problems) == 2, problems
+    assert "01_a.py, cell 2: imports 'g'" in problems[0] and "later chapter, 02_b.py" in problems[0]
+    assert "02_b.py, cell 2: imports 'g'" in problems[1] and "this chapter itself" in problems[1]
+
+
+def test_the_book_flows_one_way():
+    assert nb.flow_problems(nb.chapters()) == []
+
+
 def test_public_api_is_importable():
     import annotated_transformer as at
 

@@ -3,7 +3,6 @@
 
 __all__ = ['sinusoidal_table', 'offset_matrix', 'PositionalEncoding']
 
-import math
 from numbers import Integral
 
 import torch
