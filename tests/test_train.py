@@ -1,7 +1,9 @@
 """annotated_transformer.train: batches, label smoothing, the Noam schedule, token batching, fit,
 checkpoints, the synthetic tasks, and the torchrun entry point."""
+import errno
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +41,28 @@ def test_batch_shifts_the_target_and_counts_tokens():
         Batch(src, torch.ones(3, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="at least <s> and one token"):
         Batch(src, torch.ones(2, 1, dtype=torch.long))
+
+
+def test_batch_checks_target_ids_once_on_the_host():
+    src = torch.tensor([[3, 4, 2], [5, 2, 0]])
+    b = Batch(src, torch.tensor([[1, 4, 8, 2], [1, 5, 2, 0]]), PAD, tgt_vocab=9)
+    assert b.tgt_range == (0, 8) and b.ntokens == 5
+    with pytest.raises(ValueError, match=r"\[0, 9\) for a vocabulary of 9, got ids from 1 to 9"):
+        Batch(src, torch.tensor([[1, 4, 3, 2], [1, 5, 2, 9]]), PAD, tgt_vocab=9)   # the last label: in no tgt_in
+    with pytest.raises(ValueError, match="got ids from -1 to 5"):
+        Batch(src, torch.tensor([[1, 4, 3, 2], [1, 5, -1, 0]]), PAD)                # negative: wrong in any vocabulary
+    with pytest.raises(TypeError, match="tgt must hold integer token ids, got torch.float32"):
+        Batch(src, torch.ones(2, 4))
+    # moving a batch keeps the host-side counts instead of reading them back from the device again
+    moved = b.to("meta")
+    assert moved.tgt.device.type == "meta" and moved.tgt_y.shape == (2, 3) and moved.src_mask.device.type == "meta"
+    assert moved.ntokens == 5 and moved.tgt_range == (0, 8) and b.tgt.device.type == "cpu"
+
+
+def test_fit_refuses_targets_outside_the_model_vocabulary():
+    bad = lambda step, micro: Batch(torch.tensor([[3, 2]]), torch.tensor([[1, 3, 9]]))   # the model has 9 classes
+    with pytest.raises(ValueError, match=r"step 0: target ids must lie in \[0, 9\).*got ids from 1 to 9"):
+        fit(small_model(), bad, TrainConfig(steps=1, warmup=1), progress=False)
 
 
 # --------------------------------------------------------------------------- label smoothing
@@ -96,8 +120,22 @@ def test_label_smoothing_bad_input():
         crit(torch.zeros(2, 6), torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="do not match targets"):
         crit(torch.zeros(2, 5), torch.tensor([1, 2, 3]))
-    with pytest.raises(ValueError, match=r"\[0, 5\)"):
+    # target ids are asserted on the device, not read back to the host: on a CPU a RuntimeError that names
+    # the range (a GPU raises a device-side assert); Batch and fit raise the ValueError (tests above)
+    with pytest.raises(RuntimeError, match=r"\[0, 5\)"):
         crit(torch.zeros(2, 5), torch.tensor([1, 5]))
+
+
+def test_label_smoothing_reads_nothing_back_to_the_host():
+    """No int(tensor)/.item() in the loss: it runs on meta tensors (which have no values to read) and
+    torch.compile traces it as one graph (a host read is a graph break, refused by fullgraph=True)."""
+    crit = LabelSmoothing(7, padding_idx=0, smoothing=0.1)
+    out = crit(torch.empty(2, 5, 7, device="meta"), torch.empty(2, 5, dtype=torch.long, device="meta"))
+    assert out.shape == () and out.device.type == "meta"
+    logp = torch.log_softmax(torch.randn(2, 5, 7), -1)
+    target = torch.tensor([[3, 4, 0, 0, 0], [1, 6, 2, 5, 0]])
+    compiled = torch.compile(crit, backend="eager", fullgraph=True)
+    assert torch.allclose(compiled(logp, target), crit(logp, target))
 
 
 # --------------------------------------------------------------------------- Noam
@@ -241,9 +279,22 @@ def test_fit_refuses_bad_config():
         fit(small_model(), synthetic_batches("copy", batch_size=4, **TASK), TrainConfig(steps=1, amp=True), progress=False)
     with pytest.raises(ValueError, match="accum must be >= 1"):
         fit(small_model(), synthetic_batches("copy", batch_size=4, **TASK), TrainConfig(steps=1, accum=0), progress=False)
+    cfg = TrainConfig(steps=3, warmup=1)
+    cfg.log_every = 0                      # changed after construction: fit checks again
+    with pytest.raises(ValueError, match="TrainConfig.log_every must be >= 1, got log_every=0"):
+        fit(small_model(), synthetic_batches("copy", batch_size=4, **TASK), cfg, progress=False)
     only_pad = lambda step, micro: Batch(torch.tensor([[3, 2]]), torch.tensor([[1, 0]]))
     with pytest.raises(ValueError, match="no non-padding target tokens"):
         fit(small_model(), only_pad, TrainConfig(steps=1), progress=False)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("log_every", 0), ("log_every", -3), ("ckpt_every", -1), ("steps", -1), ("warmup", 0), ("accum", 0),
+    ("smoothing", 1.0), ("smoothing", float("nan")), ("clip", -0.5), ("adam_eps", 0.0), ("factor", 0.0),
+])
+def test_train_config_refuses_values_fit_cannot_run_with(field, value):
+    with pytest.raises(ValueError, match=rf"TrainConfig\.{field} must be .*got {field}={re.escape(repr(value))}"):
+        TrainConfig(**{field: value})
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -280,15 +331,42 @@ def test_checkpoint_is_written_atomically(tmp_path, monkeypatch):
     before = path.read_bytes()
 
     def crash(obj, f, *a, **k):
-        Path(f).write_bytes(b"half a checkpoint")
-        raise OSError("disk full")
+        if hasattr(f, "write"):
+            f.write(b"half a checkpoint")
+        else:
+            Path(f).write_bytes(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OSError, match=f"could not write checkpoint {re.escape(str(path))}: No space left") as info:
         save_checkpoint(path, model, opt, sched, step=2, fingerprint={"a": 1})
+    assert info.value.errno == errno.ENOSPC                                # callers can still tell disk full apart
     assert path.read_bytes() == before                                     # the old checkpoint is intact
+    assert [p.name for p in tmp_path.iterdir()] == ["run.pt"]              # and no temporary file is left
     monkeypatch.undo()
     assert load_checkpoint(path, small_model())["step"] == 1
+
+
+def test_checkpoint_is_fsynced_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    model = small_model()
+    opt, sched = _opt_sched(model)
+    path = tmp_path / "run.pt"
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.path.isdir(f"/proc/self/fd/{fd}")
+                                                                 if os.path.exists("/proc/self/fd") else None)),
+                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", Path(b).name)), real_replace(a, b))[1])
+    save_checkpoint(path, model, opt, sched, step=1, fingerprint={})
+    assert events[:2] == [("fsync", False), ("replace", "run.pt")]        # the file's bytes, then the rename
+    if os.name == "posix":
+        assert events[2:] == [("fsync", True)]                              # then the folder that holds the name
+    assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~_current_umask())  # not mkstemp's 0600
+
+
+def _current_umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def test_resuming_gives_the_same_losses_as_not_stopping(tmp_path):
@@ -325,6 +403,40 @@ def test_checkpoint_from_another_configuration_is_refused(tmp_path):
 
 
 # --------------------------------------------------------------------------- the entry point, one and two processes
+BAD_ARGS = [
+    (["--log-every", "0"], "--log-every: must be >= 1, got 0"),
+    (["--ckpt-every", "-1"], "--ckpt-every: must be >= 0"),
+    (["--steps", "-2"], "--steps: must be >= 0, got -2"),
+    (["--batch-size", "0"], "--batch-size: must be >= 1"),
+    (["--vocab", "3"], "--vocab: must be >= 4"),
+    (["--min-len", "0"], "--min-len: must be >= 1"),
+    (["--min-len", "6"], r"--max-len: must be >= --min-len \(6\), got 5"),
+    (["--N", "0"], "--N: must be >= 1"),
+    (["--d-model", "0"], "--d-model: must be >= 1"),
+    (["--d-ff", "0"], "--d-ff: must be >= 1"),
+    (["--h", "3"], r"--h: must be >= 1 and divide --d-model \(16\), got 3"),
+    (["--dropout", "1"], r"--dropout: must be in \[0, 1\), got 1.0"),
+    (["--warmup", "0"], "--warmup: must be >= 1"),
+    (["--factor", "nan"], "--factor: must be a positive number, got nan"),
+    (["--smoothing", "-0.1"], r"--smoothing: must be in \[0, 1\)"),
+    (["--clip", "-1"], "--clip: must be >= 0"),
+    (["--adam-eps", "0"], "--adam-eps: must be a positive number"),
+    (["--accum", "0"], "--accum: must be >= 1"),
+    (["--resume"], "--resume: needs --ckpt"),
+]
+
+
+@pytest.mark.parametrize("extra, message", BAD_ARGS, ids=[" ".join(a) for a, _ in BAD_ARGS])
+def test_train_main_reports_bad_numbers_as_usage_errors(extra, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as info:
+        train_main(ARGS + ["--save-params", str(tmp_path / "p.pt")] + extra)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: python -m annotated_transformer.train") and "Traceback" not in err
+    assert re.search(message, err), err
+    assert not (tmp_path / "p.pt").exists()                                # nothing ran
+
+
 ARGS = ["--task", "copy", "--steps", "3", "--batch-size", "8", "--dropout", "0", "--warmup", "2", "--N", "1",
         "--adam-eps", "1e-4",  # see test_gradient_accumulation_...: eps=1e-9 amplifies the key biases' rounding noise
         "--d-model", "16", "--d-ff", "32", "--h", "2", "--max-len", "5", "--vocab", "9", "--quiet"]

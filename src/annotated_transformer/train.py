@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import math
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,21 +25,39 @@ class Batch:
     """A padded (src, tgt) pair of id tensors ready for teacher forcing.
 
     tgt_in = tgt[:, :-1] (starts with <s>) is the decoder input, tgt_y = tgt[:, 1:] the labels;
-    ntokens counts the non-padding labels (what the loss is averaged over).
+    ntokens counts the non-padding labels (what the loss is averaged over). The target ids are
+    checked here, once, on the host: never negative, and below tgt_vocab when it is given;
+    tgt_range = (smallest, largest) target id lets fit() check them against the model for free.
     """
 
-    def __init__(self, src: torch.Tensor, tgt: torch.Tensor, pad_idx: int = 0):
+    def __init__(self, src: torch.Tensor, tgt: torch.Tensor, pad_idx: int = 0, tgt_vocab: int | None = None):
         if src.dim() != 2 or tgt.dim() != 2 or src.size(0) != tgt.size(0):
             raise ValueError(f"src and tgt must be (batch, len) with one batch size, got {tuple(src.shape)} and {tuple(tgt.shape)}")
         if tgt.size(1) < 2:
             raise ValueError(f"tgt needs at least <s> and one token, got length {tgt.size(1)}")
+        for name, t in (("src", src), ("tgt", tgt)):
+            if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+                raise TypeError(f"{name} must hold integer token ids, got {t.dtype}")
         self.src, self.tgt, self.pad_idx = src, tgt, pad_idx
         self.tgt_in, self.tgt_y = tgt[:, :-1], tgt[:, 1:]                       # (batch, tgt_len - 1)
         self.src_mask, self.tgt_mask = make_masks(src, self.tgt_in, pad_idx)    # (b,1,1,S), (b,1,T,T)
-        self.ntokens = int((self.tgt_y != pad_idx).sum())
+        # ntokens and the target ids' extremes in one read back to the host (one sync on a GPU)
+        stats = (torch.stack([(self.tgt_y != pad_idx).sum(), tgt.min().long(), tgt.max().long()])
+                 if tgt.numel() else torch.zeros(3, dtype=torch.long))
+        self.ntokens, low, high = stats.tolist()
+        self.tgt_range = (low, high)
+        if low < 0 or (tgt_vocab is not None and high >= tgt_vocab):
+            where = f"[0, {tgt_vocab}) for a vocabulary of {tgt_vocab}" if tgt_vocab is not None else "[0, vocab)"
+            raise ValueError(f"target ids must lie in {where}, got ids from {low} to {high}")
 
     def to(self, device) -> "Batch":
-        return Batch(self.src.to(device), self.tgt.to(device), self.pad_idx)
+        """The same batch on device; the counts and checks made on the host are kept, not redone."""
+        out = object.__new__(type(self))
+        out.__dict__.update(self.__dict__)
+        out.src, out.tgt = self.src.to(device), self.tgt.to(device)
+        out.tgt_in, out.tgt_y = out.tgt[:, :-1], out.tgt[:, 1:]
+        out.src_mask, out.tgt_mask = self.src_mask.to(device), self.tgt_mask.to(device)
+        return out
 
     def __len__(self) -> int:
         return self.src.size(0)
@@ -48,7 +67,8 @@ class LabelSmoothing(nn.Module):
     """Label-smoothed loss in KL form (paper, section 5.4), summed over non-padding targets.
 
     The target distribution q puts 1 - smoothing on the correct token and smoothing / (size - 2) on
-    every other token except padding; targets equal to padding_idx contribute nothing.
+    every other token except padding; targets equal to padding_idx contribute nothing. Target ids are
+    asserted on the device (no host sync); Batch and fit() check them on the host with a ValueError.
     """
 
     def __init__(self, size: int, padding_idx: int, smoothing: float = 0.0):
@@ -67,8 +87,7 @@ class LabelSmoothing(nn.Module):
         q = torch.full((target.numel(), self.size), self.smoothing / (self.size - 2), device=target.device)
         q.scatter_(1, target.reshape(-1, 1), self.confidence)
         q[:, self.padding_idx] = 0.0
-        q[target.reshape(-1) == self.padding_idx] = 0.0
-        return q
+        return q.masked_fill((target.reshape(-1) == self.padding_idx).unsqueeze(1), 0.0)  # no boolean indexing: no sync
 
     def forward(self, logp: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         # logp (..., size) log-probabilities, target (...) ids -> scalar: KL summed over real tokens
@@ -76,8 +95,9 @@ class LabelSmoothing(nn.Module):
             raise ValueError(f"log-probabilities have {logp.size(-1)} classes but the loss was built for {self.size}")
         if logp.shape[:-1] != target.shape:
             raise ValueError(f"log-probabilities {tuple(logp.shape)} do not match targets {tuple(target.shape)}")
-        if target.numel() and (int(target.min()) < 0 or int(target.max()) >= self.size):
-            raise ValueError(f"target ids must lie in [0, {self.size}), got {int(target.min())}..{int(target.max())}")
+        # on the device, without a host sync: a CPU raises RuntimeError here, a GPU a device-side assert
+        torch._assert_async(((target >= 0) & (target < self.size)).all(),
+                            f"target ids must lie in [0, {self.size}) for a loss over {self.size} classes")
         q = self.target_distribution(target.reshape(-1))
         return nn.functional.kl_div(logp.reshape(-1, self.size).float(), q, reduction="sum")
 
@@ -153,8 +173,24 @@ class TrainConfig:
     amp: bool = False            # autocast + (for float16) GradScaler; CUDA only
     pad_idx: int = 0
     seed: int = 0
-    log_every: int = 50
+    log_every: int = 50          # steps between progress-bar updates (>= 1)
     ckpt_every: int = 0          # 0 = only at the end (when a checkpoint path is given)
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        """Refuse values fit() cannot run with, naming the field (also called by fit: fields can change)."""
+        rules = [("steps", self.steps >= 0, ">= 0"), ("warmup", self.warmup >= 1, ">= 1"),
+                 ("factor", math.isfinite(self.factor) and self.factor > 0, "a positive number"),
+                 ("adam_eps", math.isfinite(self.adam_eps) and self.adam_eps > 0, "a positive number"),
+                 ("smoothing", 0.0 <= self.smoothing < 1.0, "in [0, 1)"),
+                 ("clip", math.isfinite(self.clip) and self.clip >= 0, ">= 0 (0 = no clipping)"),
+                 ("accum", self.accum >= 1, ">= 1"), ("log_every", self.log_every >= 1, ">= 1"),
+                 ("ckpt_every", self.ckpt_every >= 0, ">= 0 (0 = only at the end)")]
+        for name, ok, want in rules:
+            if not ok:
+                raise ValueError(f"TrainConfig.{name} must be {want}, got {name}={getattr(self, name)!r}")
 
     def fingerprint(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k not in _RUN_ONLY}
@@ -170,19 +206,60 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in folder durable; not every OS or file system can open a folder (Windows cannot)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(path, model: nn.Module, optimizer, scheduler, step: int, fingerprint: dict,
                     history=(), scaler=None) -> Path:
-    """Write a checkpoint atomically: to a temporary file in the same folder, then os.replace."""
+    """Write a checkpoint atomically: to a unique temporary file in the same folder, fsync, os.replace.
+
+    On any failure (disk full, read-only folder, no permission) the temporary file is removed, the
+    previous checkpoint at path is left as it was, and an OSError naming path is raised.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {
         "format": "annotated_transformer.train/1", "step": step, "fingerprint": fingerprint,
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None, "history": list(history),
     }
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: readers see the old checkpoint or the new one, never half of one
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint gets the mode any new file gets
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on the disk before the name points at them
+        os.replace(tmp, path)     # atomic: readers see the old checkpoint or the new one, never half of one
+        tmp = None
+    except OSError as err:  # disk full, read-only folder, no permission, a file where the folder should be
+        if err.errno is None:
+            raise OSError(f"could not write checkpoint {path}: {err}") from err
+        detail = str(err).replace(f"[Errno {err.errno}] ", "", 1)
+        raise OSError(err.errno, f"could not write checkpoint {path}: {detail}") from err  # keeps the subclass
+    finally:  # on any failure, the temporary file goes; the previous checkpoint was never touched
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+    _fsync_dir(path.parent)
     return path
 
 
@@ -238,8 +315,7 @@ def fit(model: Transformer, get_batch: Callable[[int, int], Batch], cfg: TrainCo
     rank, world = _world()
     if cfg.amp and device.type != "cuda":
         raise ValueError(f"amp=True needs a CUDA device, got device={device}")
-    if cfg.accum < 1 or cfg.steps < 0:
-        raise ValueError(f"accum must be >= 1 and steps >= 0, got accum={cfg.accum}, steps={cfg.steps}")
+    cfg.check()
     model.to(device)
     net = model
     if world > 1:
@@ -273,6 +349,11 @@ def fit(model: Transformer, get_batch: Callable[[int, int], Batch], cfg: TrainCo
         t0 = time.perf_counter()
         torch.manual_seed(hash((cfg.seed, step, rank)) & (2**63 - 1))  # dropout: a function of the step
         micro = [get_batch(step, m).to(device) for m in range(cfg.accum)]
+        for b in micro:  # Batch read the extremes on the host when it was built: no sync here
+            low, high = getattr(b, "tgt_range", (0, 0))
+            if low < 0 or high >= vocab:
+                raise ValueError(f"step {step}: target ids must lie in [0, {vocab}) for the model's vocabulary "
+                                 f"of {vocab}, got ids from {low} to {high}")
         ntok = torch.tensor(float(sum(b.ntokens for b in micro)), device=device)
         if world > 1:
             dist.all_reduce(ntok)
@@ -361,7 +442,7 @@ def synthetic_batches(task: str, vocab: int, batch_size: int, min_len: int, max_
     def get_batch(step: int, micro: int = 0) -> Batch:
         g = torch.Generator().manual_seed(hash((seed, step, micro)) & (2**63 - 1))
         src, tgt = synthetic_pairs(task, batch_size, vocab, min_len, max_len, g, pad_idx=pad_idx)
-        return Batch(src[rank * per:(rank + 1) * per], tgt[rank * per:(rank + 1) * per], pad_idx)
+        return Batch(src[rank * per:(rank + 1) * per], tgt[rank * per:(rank + 1) * per], pad_idx, tgt_vocab=vocab)
 
     return get_batch
 
@@ -369,7 +450,7 @@ def synthetic_batches(task: str, vocab: int, batch_size: int, min_len: int, max_
 def heldout_batch(task: str, vocab: int, n: int, min_len: int, max_len: int, seed: int = 0, pad_idx: int = 0) -> Batch:
     """n evaluation sequences from a generator that no training step of synthetic_batches uses."""
     g = torch.Generator().manual_seed(hash((seed, -1, -1)) & (2**63 - 1))  # training steps are >= 0
-    return Batch(*synthetic_pairs(task, n, vocab, min_len, max_len, g, pad_idx=pad_idx), pad_idx)
+    return Batch(*synthetic_pairs(task, n, vocab, min_len, max_len, g, pad_idx=pad_idx), pad_idx, tgt_vocab=vocab)
 
 
 @torch.no_grad()
@@ -385,6 +466,36 @@ def exact_match(model: Transformer, batch: Batch) -> float:
     ok = ((pred == batch.tgt_y) | (batch.tgt_y == batch.pad_idx)).all(dim=1)
     model.train(was_training)
     return ok.float().mean().item()
+
+
+def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace, world: int) -> None:
+    """p.error (usage, message naming the flag, exit 2) on the first numeric argument out of range."""
+    finite = math.isfinite
+    rules = [
+        ("--vocab", a.vocab >= 4, ">= 4 (3 special tokens and at least one symbol)"),
+        ("--min-len", a.min_len >= 1, ">= 1"),
+        ("--max-len", a.max_len >= a.min_len, f">= --min-len ({a.min_len})"),
+        ("--batch-size", a.batch_size >= 1 and a.batch_size % world == 0,
+         ">= 1" + (f" and divisible by the {world} processes" if world > 1 else "")),
+        ("--steps", a.steps >= 0, ">= 0"),
+        ("--N", a.N >= 1, ">= 1"), ("--d-model", a.d_model >= 1, ">= 1"), ("--d-ff", a.d_ff >= 1, ">= 1"),
+        ("--h", a.h >= 1 and a.d_model % a.h == 0, f">= 1 and divide --d-model ({a.d_model})"),
+        ("--dropout", 0.0 <= a.dropout < 1.0, "in [0, 1)"),
+        ("--warmup", a.warmup >= 1, ">= 1"),
+        ("--factor", finite(a.factor) and a.factor > 0, "a positive number"),
+        ("--smoothing", 0.0 <= a.smoothing < 1.0, "in [0, 1)"),
+        ("--clip", finite(a.clip) and a.clip >= 0, ">= 0 (0 = no clipping)"),
+        ("--adam-eps", finite(a.adam_eps) and a.adam_eps > 0, "a positive number"),
+        ("--accum", a.accum >= 1, ">= 1"),
+        ("--ckpt-every", a.ckpt_every >= 0, ">= 0 (0 = only at the end)"),
+        ("--log-every", a.log_every >= 1, ">= 1"),
+    ]
+    for flag, ok, want in rules:
+        if not ok:
+            value = getattr(a, flag[2:].replace("-", "_"))
+            p.error(f"argument {flag}: must be {want}, got {value}")
+    if a.resume and not a.ckpt:
+        p.error("argument --resume: needs --ckpt (the checkpoint to resume from)")
 
 
 def train_main(argv=None) -> dict:
@@ -418,10 +529,11 @@ def train_main(argv=None) -> dict:
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    _check_args(p, a, world)
 
     from annotated_transformer.runtime import resolve_device
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     device = resolve_device(a.device)
     if world > 1:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
