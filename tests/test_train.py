@@ -463,3 +463,33 @@ def test_two_processes_equal_one_process_on_the_combined_batch(tmp_path):
     assert any(not torch.equal(p1[k], start[k]) for k in p1)                # training moved the parameters
     for k in p1:
         assert torch.allclose(p2[k], p1[k], atol=1e-5), k
+
+
+def test_fit_reads_the_loss_back_once_per_log_line_not_once_per_step(monkeypatch):
+    """Each read of a device tensor is a GPU sync: fit keeps the losses on the device and reads them in one
+    go at each log line (here every 5 of 10 steps), never with .item()."""
+    batches = synthetic_batches("copy", batch_size=8, seed=1, **TASK)
+    prepared = [batches(step, 0) for step in range(10)]          # built (and checked) on the host up front
+    reads, items = [], []
+    real_tolist, real_item = torch.Tensor.tolist, torch.Tensor.item
+
+    def from_fit():  # PyTorch's own CPU-side counters (Adam's step) are not ours to count
+        return sys._getframe(2).f_code.co_filename.endswith(os.path.join("annotated_transformer", "train.py"))
+
+    def counting_item(self):
+        if from_fit():
+            items.append(self)
+        return real_item(self)
+
+    def counting_tolist(self):
+        if from_fit() and self.is_floating_point():
+            reads.append(self.numel())
+        return real_tolist(self)
+
+    monkeypatch.setattr(torch.Tensor, "item", counting_item)
+    monkeypatch.setattr(torch.Tensor, "tolist", counting_tolist)
+    history = fit(small_model(), lambda step, micro: prepared[step], TrainConfig(steps=10, warmup=5, log_every=5),
+                  progress=False)
+    monkeypatch.undo()
+    assert reads == [5, 5] and items == []                            # two reads of five losses each
+    assert [r["step"] for r in history] == list(range(1, 11)) and all(math.isfinite(r["loss"]) for r in history)

@@ -310,6 +310,9 @@ def fit(model: Transformer, get_batch: Callable[[int, int], Batch], cfg: TrainCo
     DistributedDataParallel. on_step(step, record) may return True to stop early (it must decide the
     same on every process). With ckpt_path, checkpoints are written every cfg.ckpt_every steps and at
     the end; resume=True continues from ckpt_path if it exists, refusing another configuration.
+    The loss stays on the device between log lines: it is read back (one sync) every cfg.log_every
+    steps, before each checkpoint and before each on_step call; a NaN/inf loss raises
+    FloatingPointError at that read, naming its step, before any checkpoint can save it.
     """
     device = torch.device(device)
     rank, world = _world()
@@ -341,12 +344,27 @@ def fit(model: Transformer, get_batch: Callable[[int, int], Batch], cfg: TrainCo
         if world > 1:
             dist.barrier()
 
+    pending: list[tuple] = []  # (step, loss tensor, lr, tokens, seconds) not yet read back from the device
+
+    def flush():
+        """Turn the pending steps into history records with one read; stop before a checkpoint saves NaN."""
+        if not pending:
+            return
+        losses = torch.stack([p[1] for p in pending]).tolist()
+        for (n, _, lr_n, tok, sec), loss_n in zip(pending, losses):
+            if not math.isfinite(loss_n):
+                raise FloatingPointError(f"the training loss is {loss_n / tok} at step {n}: NaN/inf in the inputs "
+                                         "or weights, or a learning rate too high (try a lower factor or clip)")
+            history.append({"step": n, "loss": loss_n / tok, "lr": lr_n, "tokens": int(tok),
+                            "tokens_per_s": tok / sec})
+        pending.clear()
+
     net.train()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress or rank != 0,
                mininterval=2.0, unit="step", dynamic_ncols=True)
     step = start
+    t_prev = time.perf_counter()
     for step in bar:
-        t0 = time.perf_counter()
         torch.manual_seed(hash((cfg.seed, step, rank)) & (2**63 - 1))  # dropout: a function of the step
         micro = [get_batch(step, m).to(device) for m in range(cfg.accum)]
         for b in micro:  # Batch read the extremes on the host when it was built: no sync here
@@ -354,10 +372,12 @@ def fit(model: Transformer, get_batch: Callable[[int, int], Batch], cfg: TrainCo
             if low < 0 or high >= vocab:
                 raise ValueError(f"step {step}: target ids must lie in [0, {vocab}) for the model's vocabulary "
                                  f"of {vocab}, got ids from {low} to {high}")
-        ntok = torch.tensor(float(sum(b.ntokens for b in micro)), device=device)
-        if world > 1:
-            dist.all_reduce(ntok)
-        if ntok.item() == 0:
+        ntok = float(sum(b.ntokens for b in micro))            # counted on the host when the batches were built
+        if world > 1:                                         # DDP: every process needs the global count
+            total = torch.tensor(ntok, device=device)
+            dist.all_reduce(total)
+            ntok = total.item()
+        if ntok == 0:
             raise ValueError(f"step {step}: the batch has no non-padding target tokens")
         loss_sum = torch.zeros((), device=device)
         for m, b in enumerate(micro):
@@ -378,21 +398,24 @@ def fit(model: Transformer, get_batch: Callable[[int, int], Batch], cfg: TrainCo
         scheduler.step()  # once per optimizer step, however many micro-batches
         if world > 1:
             dist.all_reduce(loss_sum)
-        seconds = time.perf_counter() - t0
-        record = {"step": step + 1, "loss": loss_sum.item() / ntok.item(), "lr": lr,
-                  "tokens": int(ntok.item()), "tokens_per_s": ntok.item() / seconds}
-        if not math.isfinite(record["loss"]):  # stop before a checkpoint saves the damage
-            raise FloatingPointError(f"the training loss is {record['loss']} at step {step + 1}: NaN/inf in the "
-                                     "inputs or weights, or a learning rate too high (try a lower factor or clip)")
-        history.append(record)
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+        # The loss stays on the device: reading it every step would make the CPU wait for the GPU. The
+        # records are completed in one read at the next log line, checkpoint, on_step call or the end.
+        now = time.perf_counter()   # wall time since the previous step ended (a wait in flush() lands here)
+        pending.append((step + 1, loss_sum, lr, ntok, now - t_prev))
+        t_prev = now
+        logging = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps
+        saving = ckpt_path is not None and cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0
+        if logging or saving or on_step is not None:
+            flush()
+        if logging:
             recent = history[-cfg.log_every:]
             rate = sum(r["tokens"] for r in recent) / sum(r["tokens"] / r["tokens_per_s"] for r in recent)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}", refresh=False)
-        if ckpt_path is not None and cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0:
+            bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}", refresh=False)
+        if saving:
             checkpoint(step + 1)
-        if on_step is not None and on_step(step + 1, record):
+        if on_step is not None and on_step(step + 1, history[-1]):
             break
+    flush()
     bar.close()
     if ckpt_path is not None and history and (not cfg.ckpt_every or history[-1]["step"] % cfg.ckpt_every):
         checkpoint(history[-1]["step"])
