@@ -1,5 +1,32 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
+
+# Test tiers. `scripts/test -m unit` runs the package's unit tests (well under a minute: the edit loop);
+# `scripts/test` (what CI runs) runs everything: these, the chapters under nbval, the book in Chromium,
+# the wheel in a fresh environment, the fault and pipeline tests.
+UNIT_FILES = {
+    "test_attention.py", "test_multihead.py", "test_positional.py", "test_norm.py", "test_residual.py",
+    "test_model.py", "test_decode.py", "test_weighted_average.py", "test_bad_input.py", "test_numerics.py",
+    "test_determinism.py", "test_compile.py", "test_benchmarks.py", "test_train.py", "test_data.py",
+    "test_translate.py", "test_pretrained.py", "test_lint.py",
+}
+NOT_UNIT = {  # in a unit file, but runs a chapter, a subprocess or a training run of seconds
+    "test_chapter_01_is_deterministic",
+}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "unit: a fast test of the package alone (scripts/test -m unit)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        path = Path(str(item.fspath))
+        if path.parent == ROOT / "tests" and path.name in UNIT_FILES and item.originalname not in NOT_UNIT \
+                and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.unit)

@@ -19,7 +19,7 @@ def record(name):
     return json.loads(path.read_text())
 
 
-TRANSLATION = sorted(RESULTS.glob("translation-full-*.json"))
+TRANSLATION = sorted(RESULTS.glob("translation-full-*.json")) + sorted(RESULTS.glob("translation-speedrun-*.json"))
 
 
 @pytest.mark.parametrize("path", TRANSLATION, ids=lambda p: p.name)

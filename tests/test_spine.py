@@ -247,3 +247,40 @@ def test_links_between_chapters_resolve():
             if not (page.parent / target).exists() and not (page.parent / target).with_suffix(".py").exists():
                 broken.append(f"{page.relative_to(ROOT)} -> {target}")
     assert not broken, f"broken links: {broken}"
+
+
+@pytest.mark.parametrize("ipynb", sorted((ROOT / "notebooks").glob("*.ipynb")), ids=lambda p: p.stem)
+def test_stored_outputs_carry_no_progress_bars(ipynb):
+    import nbformat
+
+    residue = [i for i, c in enumerate(nbformat.read(ipynb, as_version=4).cells)
+               for o in c.get("outputs", []) if o.get("output_type") == "stream" and nb.PROGRESS.search(o.get("text", ""))]
+    assert not residue, f"{ipynb.name}: progress-bar output in cells {residue}: store with `python tools/nb.py store`"
+
+
+def test_progress_lines_are_stripped_and_other_output_kept():
+    import nbformat
+
+    book = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x")])
+    book.cells[0].outputs = [
+        nbformat.v4.new_output("stream", name="stderr", text="epoch:  40%|████      | 2/5 [00:01<00:02,  1.50it/s]\r"
+                                                               "epoch: 100%|██████████| 5/5 [00:03<00:00,  1.52it/s]\n"),
+        nbformat.v4.new_output("stream", name="stdout", text="step 10 loss 1.234\n 50%|█| 1/2 [00:00<00:00]\nfinal 0.5\n"),
+    ]
+    nb.strip_progress(book)
+    assert [o["text"] for o in book.cells[0].outputs] == ["step 10 loss 1.234\nfinal 0.5\n"]
+
+
+def test_machinery_cells_are_hidden_in_the_staged_book():
+    import nbformat
+
+    cells = [nbformat.v4.new_code_cell('device = "auto"', metadata={"tags": ["parameters"]}),
+             nbformat.v4.new_code_cell("#| default_exp x\nfrom annotated_transformer.runtime import setup\n"
+                                       "device = setup(device, profile, seed)"),
+             nbformat.v4.new_code_cell("import torch\nfrom torch import (\n    nn,\n)"),
+             nbformat.v4.new_code_cell("import torch\nprint(torch.ones(2))"),
+             nbformat.v4.new_code_cell("#| export\nimport torch")]
+    book = nbformat.v4.new_notebook(cells=cells)
+    nb.hide_machinery(book)
+    assert ["remove-cell" in c.metadata.get("tags", []) for c in book.cells] == [True, True, True, False, False]
+    assert nb.visible_code_lines(book) == 2 + 2   # the print cell and the exported one

@@ -6,6 +6,7 @@
     python tools/nb.py run [--profile quick|full] [--device auto|cpu|cuda] [--seed 0] [chapter ...]
     python tools/nb.py store              # run quick/cpu/seed 0 and store the outputs in notebooks/*.ipynb
     python tools/nb.py book [--from DIR]  # stage DIR's executed notebooks + book/ and build the HTML
+    python tools/nb.py lines              # visible code lines per chapter (machinery and folded cells excluded)
 
 Why a tool of our own rather than nbdev's exporter: nbdev reads only .ipynb (our sources are the
 .py halves of the pairs), writes "File to edit: ...ipynb" into modules (the wrong file to edit here),
@@ -336,6 +337,71 @@ def pair_differences() -> list[str]:
     return problems
 
 
+# --------------------------------------------------------------------------- what a reader sees
+# A progress bar's redraws ("42%|████      | 5/12 [00:03<00:04, 1.7it/s]") belong on a terminal, not
+# on a page: store and book drop those lines from stream outputs (the runner still shows them live).
+PROGRESS = re.compile(r"\d+%\|.*\||\d+(?:\.\d+)?(?:it|s)/(?:s|it)\]|\[\d\d:\d\d<")
+HIDDEN_TAGS = {"remove-cell", "remove-input", "hide-input", "hide-cell"}
+MACHINERY_LINE = re.compile(r"^\s*(import\s|from\s\S+\s+import\s|sys\.path\.|%matplotlib|device\s*=\s*setup\(|#\|\s*default_exp)")
+
+
+def strip_progress(notebook) -> None:
+    """Drop progress-bar lines from every stream output (and outputs left empty), in place."""
+    for cell in notebook.cells:
+        if cell.cell_type != "code":
+            continue
+        kept = []
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "stream":
+                text = out.get("text", "")
+                text = "".join(l for l in re.split(r"(?<=\n)", text.replace("\r", "\n")) if not PROGRESS.search(l))
+                if not text.strip():
+                    continue
+                out["text"] = text
+            kept.append(out)
+        cell["outputs"] = kept
+
+
+def is_machinery(cell) -> bool:
+    """Parameters (ours and papermill's injected copy) and cells of nothing but imports and set-up:
+    they run, but a reader does not need to see them."""
+    tags = set(cell.metadata.get("tags", []))
+    if tags & {"parameters", "injected-parameters"}:
+        return True
+    lines = [l for l in cell.source.splitlines() if l.strip() and not l.lstrip().startswith("# ")]
+    if cell.cell_type != "code" or not lines or any(DIRECTIVE.match(l) and "export" == DIRECTIVE.match(l).group(1)
+                                                     for l in lines):
+        return False
+    return all(MACHINERY_LINE.match(l) or l.strip() in (")", "(") or l.startswith("    ") for l in lines) \
+        and any(MACHINERY_LINE.match(l) for l in lines)
+
+
+def visible_code_lines(notebook) -> int:
+    """Non-blank code lines the HTML shows: cells not hidden by a tag and not machinery."""
+    return sum(sum(1 for l in c.source.splitlines() if l.strip()) for c in notebook.cells
+               if c.cell_type == "code" and not set(c.metadata.get("tags", [])) & HIDDEN_TAGS
+               and not is_machinery(c))
+
+
+def hide_machinery(notebook) -> None:
+    """Tag machinery cells remove-cell (in a staged copy: the sources keep their tags)."""
+    for cell in notebook.cells:
+        if is_machinery(cell):
+            tags = cell.metadata.setdefault("tags", [])
+            if "remove-cell" not in tags:
+                tags.append("remove-cell")
+
+
+def cmd_lines(_args) -> int:
+    total = 0
+    for src in chapters():
+        n = visible_code_lines(read(src))
+        total += n
+        print(f"{src.stem:40s} {n:5d}")
+    print(f"{'all chapters':40s} {total:5d}")
+    return 0
+
+
 def write_pair(src: Path, executed=None) -> Path:
     """Write src's .ipynb: the source's cells, with outputs from `executed` (or the old pair)."""
     import jupytext
@@ -359,6 +425,7 @@ def write_pair(src: Path, executed=None) -> Path:
                     donor = match.pop(0)
                     cell.outputs = donor.get("outputs", [])
                     cell.execution_count = donor.get("execution_count")
+    strip_progress(nb)
     for i, cell in enumerate(nb.cells):
         cell.metadata.pop("papermill", None)
         cell.metadata.pop("execution", None)
@@ -538,7 +605,12 @@ def stage_book(notebook_dir: Path, stage: Path) -> Path:
         nb = notebook_dir / f"{src.stem}.ipynb"
         if not nb.exists():
             raise SystemExit(f"no executed notebook {nb}: run `python tools/nb.py run` first")
-        shutil.copy2(nb, stage / "notebooks" / nb.name)
+        import nbformat
+
+        staged = nbformat.read(nb, as_version=4)
+        strip_progress(staged)
+        hide_machinery(staged)
+        nbformat.write(staged, stage / "notebooks" / nb.name)
     for extra in ("results",):
         if (ROOT / extra).is_dir():
             shutil.copytree(ROOT / extra, stage / extra)
@@ -594,6 +666,7 @@ def main(argv=None) -> int:
     sub.add_parser("export").set_defaults(fn=cmd_export)
     sub.add_parser("check-export").set_defaults(fn=cmd_check_export)
     sub.add_parser("sync").set_defaults(fn=cmd_sync)
+    sub.add_parser("lines", help="visible code lines per chapter").set_defaults(fn=cmd_lines)
     for name, fn in (("run", cmd_run), ("store", cmd_store)):
         r = sub.add_parser(name)
         r.add_argument("chapters", nargs="*", help="chapter stems or prefixes (default: all, in book order)")
