@@ -354,7 +354,9 @@ def strip_progress(notebook) -> None:
         for out in cell.get("outputs", []):
             if out.get("output_type") == "stream":
                 text = out.get("text", "")
-                text = "".join(l for l in re.split(r"(?<=\n)", text.replace("\r", "\n")) if not PROGRESS.search(l))
+                if PROGRESS.search(text):  # a progress bar also leaves blank "clear the line" lines behind
+                    lines = re.split(r"(?<=\n)", text.replace("\r", "\n"))
+                    text = "".join(l for l in lines if l.strip() and not PROGRESS.search(l))
                 if not text.strip():
                     continue
                 out["text"] = text
