@@ -63,9 +63,9 @@ device = setup(device, profile, seed)
 #
 # The loader below is the package's. It looks in three places, in order:
 #
-# 1. the shared copy beside the checkout (`../shared/data/multi30k`, or
-#    `$ANNOTATED_TRANSFORMER_SHARED_DATA/multi30k`): what CI and the build machines use, so tests
-#    and the quick profile never touch the network;
+# 1. a read-only mirror, when `$ANNOTATED_TRANSFORMER_SHARED_DATA` names one (`<mirror>/multi30k`):
+#    the build machines and CI have no internet access and keep a copy there (the book's runner and
+#    the tests point it at `../shared/data`), so tests and the quick profile never touch the network;
 # 2. the download cache (`annotated_transformer.runtime.data_dir()/multi30k`, i.e.
 #    `$ANNOTATED_TRANSFORMER_DATA` or `~/.cache/annotated_transformer`);
 # 3. the official files in the `multi30k/dataset` GitHub repository, downloaded into the cache.
@@ -95,7 +95,7 @@ import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
-from annotated_transformer.runtime import data_dir, repo_root
+from annotated_transformer.runtime import data_dir
 
 if TYPE_CHECKING:  # tokenizers is an optional dependency (the `translate` extra)
     from tokenizers import Tokenizer
@@ -118,18 +118,21 @@ class Multi30kError(RuntimeError):
     """No usable copy of a Multi30k split: the message lists every place looked at and what was wrong."""
 
 
-def shared_data_dir() -> Path:
-    """The read-only data folder beside the checkout: $ANNOTATED_TRANSFORMER_SHARED_DATA or ../shared/data."""
+def shared_data_dir() -> Path | None:
+    """A read-only mirror of the data, searched before the download cache: $ANNOTATED_TRANSFORMER_SHARED_DATA
+    (a machine without internet access keeps its copies there; the book's runner points it at
+    ../shared/data), or None."""
     env = os.environ.get("ANNOTATED_TRANSFORMER_SHARED_DATA")
-    return Path(env) if env else Path(repo_root()).parent / "shared" / "data"
+    return Path(env) if env else None
 
 
 def multi30k_locations(root=None) -> list[Path]:
     """Folders searched for the .gz files, in order. An explicit `root` is the only place searched
-    (and is only read, never written); otherwise the shared copy first, then the download cache."""
+    (and is only read, never written); otherwise the shared mirror (if set), then the download cache."""
     if root is not None:
         return [Path(root)]
-    return [shared_data_dir() / "multi30k", Path(data_dir()) / "multi30k"]
+    shared = shared_data_dir()
+    return ([shared / "multi30k"] if shared else []) + [Path(data_dir()) / "multi30k"]
 
 
 def sha256(path) -> str:
@@ -331,6 +334,8 @@ for de, en in train[:3]:
     print(f"de: {de}\nen: {en}\n")
 
 # %%
+from annotated_transformer.runtime import repo_root
+
 print("loaded from:", os.path.relpath(locate_multi30k("train"), repo_root()))
 
 # %% [markdown]
@@ -910,7 +915,7 @@ import torch
 from annotated_transformer.data import (BOS_IDX, EOS_IDX, PAD_IDX, _check_specials, _require, corpus_scores, decode,
                                         encode, load_tokenizer)
 from annotated_transformer.model import Transformer, make_model
-from annotated_transformer.runtime import repo_root, resolve_device
+from annotated_transformer.runtime import data_dir, resolve_device
 from annotated_transformer.train import Batch, batch_by_tokens
 
 CHECKPOINT_FORMAT = "annotated_transformer.translate/1"
@@ -998,8 +1003,9 @@ def save_translator(path, model: Transformer, tokenizer=None, **meta) -> Path:
 
 
 def default_checkpoint() -> Path:
-    """Where the translation chapter saves its model: build/translation/model.pt in the checkout."""
-    return Path(repo_root()) / "build" / "translation" / "model.pt"
+    """Where translate() looks by default, and the translation chapter saves its model: translation/model.pt
+    in the data cache ($ANNOTATED_TRANSFORMER_DATA or ~/.cache/annotated_transformer)."""
+    return Path(data_dir()) / "translation" / "model.pt"
 
 
 # The types of the make_model arguments save_translator records (model.config); a checkpoint must hold
@@ -1211,7 +1217,7 @@ def translate_main(argv=None) -> int:
                                 description="Translate German sentences into English with a trained checkpoint.")
     p.add_argument("sentences", nargs="*", help="German sentences (none: read standard input, one per line; "
                                                 "one output line per input line, a blank line for a blank line)")
-    p.add_argument("--checkpoint", default=None, help="model file (default: build/translation/model.pt)")
+    p.add_argument("--checkpoint", default=None, help="model file (default: translation/model.pt in the data cache, what the translation chapter saves)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the one stored in the checkpoint)")
     p.add_argument("--beam", type=int, default=4, help="beam size, 1 = greedy (default 4)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto (default cpu)")
@@ -1386,13 +1392,13 @@ plt.tight_layout()
 plt.show()
 
 # %% [markdown]
-# The model (best weights, configuration and tokenizer in one file) goes next to the tokenizer, where
-# `translate()` looks by default.
+# The model (best weights, configuration and tokenizer in one file) goes where `translate()` looks by
+# default: `default_checkpoint()`, in the data cache.
 
 # %%
-checkpoint_path = save_translator(artifacts / "model.pt", model, tokenizer, profile=profile, step=best["step"],
+checkpoint_path = save_translator(default_checkpoint(), model, tokenizer, profile=profile, step=best["step"],
                                   val_bleu=best["bleu"])
-print("saved", checkpoint_path.relative_to(repo_root()))
+print("saved", str(checkpoint_path).replace(str(data_dir()), "<cache>"))
 
 # %% [markdown]
 # ## Scoring on the 2016 Flickr test set

@@ -629,10 +629,11 @@ TASK2_FILES = {
 
 def task2_locations(root=None) -> list[Path]:
     """Folders searched for Multi30k task 2, in order: `root` alone if given (only read, never written),
-    else the shared copy (../shared/data or $ANNOTATED_TRANSFORMER_SHARED_DATA), then the download cache."""
+    else the read-only mirror $ANNOTATED_TRANSFORMER_SHARED_DATA (if set), then the download cache."""
     if root is not None:
         return [Path(root)]
-    return [shared_data_dir() / "multi30k" / "task2", Path(data_dir()) / "multi30k" / "task2"]
+    shared = shared_data_dir()
+    return ([shared / "multi30k" / "task2"] if shared else []) + [Path(data_dir()) / "multi30k" / "task2"]
 
 
 def load_captions(split: str, root=None, download: bool = True, *, verify: bool = True) -> list[tuple[str, ...]]:

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import annotated_transformer.data as data
 
-SHARED = data.shared_data_dir() / "multi30k"
+SHARED = (data.shared_data_dir() or Path("no-mirror-set")) / "multi30k"   # conftest names ../shared/data
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"no shared Multi30k copy at {SHARED}")
 SPLIT_SIZES = {"train": 29000, "val": 1014, "test": 1000}
 
@@ -119,6 +119,17 @@ def test_explicit_root_is_the_only_place_searched(tmp_path, monkeypatch):
     monkeypatch.setenv("ANNOTATED_TRANSFORMER_SHARED_DATA", str(tmp_path / "shared"))
     assert data.multi30k_locations(tmp_path / "mine") == [tmp_path / "mine"]
     assert data.multi30k_locations() == [tmp_path / "shared" / "multi30k", tmp_path / "cache" / "multi30k"]
+
+
+def test_without_a_mirror_only_the_cache_is_searched(tmp_path, monkeypatch):
+    """The package never walks up from its own files to find data: a mirror is named or not used."""
+    monkeypatch.delenv("ANNOTATED_TRANSFORMER_SHARED_DATA", raising=False)
+    monkeypatch.setenv("ANNOTATED_TRANSFORMER_DATA", str(tmp_path / "cache"))
+    assert data.shared_data_dir() is None
+    assert data.multi30k_locations() == [tmp_path / "cache" / "multi30k"]
+    from annotated_transformer import pretrained, translate
+    assert pretrained.task2_locations() == [tmp_path / "cache" / "multi30k" / "task2"]
+    assert translate.default_checkpoint() == tmp_path / "cache" / "translation" / "model.pt"
 
 
 @needs_shared

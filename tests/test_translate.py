@@ -343,8 +343,9 @@ def test_save_needs_a_configured_model(tmp_path):
         save_translator(tmp_path / "x.pt", torch.nn.Linear(2, 2))
 
 
-def test_default_checkpoint_is_in_the_build_folder():
-    assert default_checkpoint() == ROOT / "build" / "translation" / "model.pt"
+def test_default_checkpoint_is_in_the_data_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ANNOTATED_TRANSFORMER_DATA", str(tmp_path))
+    assert default_checkpoint() == tmp_path / "translation" / "model.pt"
 
 
 # --------------------------------------------------------------------------- command line

@@ -541,6 +541,16 @@ def select(names: list[str]) -> list[Path]:
     return picked
 
 
+def book_env() -> dict:
+    """The environment chapters run in: the book's data mirror (../shared/data, where the build machines
+    keep the data they cannot download), unless the caller names another."""
+    env = dict(os.environ)
+    shared = ROOT.parent / "shared" / "data"
+    if shared.is_dir():
+        env.setdefault("ANNOTATED_TRANSFORMER_SHARED_DATA", str(shared))
+    return env
+
+
 def cmd_run(args) -> int:
     from tqdm import tqdm
 
@@ -559,7 +569,7 @@ def cmd_run(args) -> int:
         bar.set_description(src.stem)
         cmd = [sys.executable, str(Path(__file__).resolve()), "_run_one", src.relative_to(ROOT).as_posix(),
                "--out", str(out), "--profile", args.profile, "--device", device, "--seed", str(args.seed)]
-        subprocess.run(cmd, cwd=ROOT)
+        subprocess.run(cmd, cwd=ROOT, env=book_env())
         report_path = out / f"{src.stem}.json"
         report = json.loads(report_path.read_text()) if report_path.exists() else {"ok": False, "chapter": src.name}
         reports.append(report)

@@ -16,7 +16,7 @@ import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
-from annotated_transformer.runtime import data_dir, repo_root
+from annotated_transformer.runtime import data_dir
 
 if TYPE_CHECKING:  # tokenizers is an optional dependency (the `translate` extra)
     from tokenizers import Tokenizer
@@ -39,18 +39,21 @@ class Multi30kError(RuntimeError):
     """No usable copy of a Multi30k split: the message lists every place looked at and what was wrong."""
 
 
-def shared_data_dir() -> Path:
-    """The read-only data folder beside the checkout: $ANNOTATED_TRANSFORMER_SHARED_DATA or ../shared/data."""
+def shared_data_dir() -> Path | None:
+    """A read-only mirror of the data, searched before the download cache: $ANNOTATED_TRANSFORMER_SHARED_DATA
+    (a machine without internet access keeps its copies there; the book's runner points it at
+    ../shared/data), or None."""
     env = os.environ.get("ANNOTATED_TRANSFORMER_SHARED_DATA")
-    return Path(env) if env else Path(repo_root()).parent / "shared" / "data"
+    return Path(env) if env else None
 
 
 def multi30k_locations(root=None) -> list[Path]:
     """Folders searched for the .gz files, in order. An explicit `root` is the only place searched
-    (and is only read, never written); otherwise the shared copy first, then the download cache."""
+    (and is only read, never written); otherwise the shared mirror (if set), then the download cache."""
     if root is not None:
         return [Path(root)]
-    return [shared_data_dir() / "multi30k", Path(data_dir()) / "multi30k"]
+    shared = shared_data_dir()
+    return ([shared / "multi30k"] if shared else []) + [Path(data_dir()) / "multi30k"]
 
 
 def sha256(path) -> str:

@@ -17,7 +17,7 @@ import torch
 from annotated_transformer.data import (BOS_IDX, EOS_IDX, PAD_IDX, _check_specials, _require, corpus_scores, decode,
                                         encode, load_tokenizer)
 from annotated_transformer.model import Transformer, make_model
-from annotated_transformer.runtime import repo_root, resolve_device
+from annotated_transformer.runtime import data_dir, resolve_device
 from annotated_transformer.train import Batch, batch_by_tokens
 
 CHECKPOINT_FORMAT = "annotated_transformer.translate/1"
@@ -105,8 +105,9 @@ def save_translator(path, model: Transformer, tokenizer=None, **meta) -> Path:
 
 
 def default_checkpoint() -> Path:
-    """Where the translation chapter saves its model: build/translation/model.pt in the checkout."""
-    return Path(repo_root()) / "build" / "translation" / "model.pt"
+    """Where translate() looks by default, and the translation chapter saves its model: translation/model.pt
+    in the data cache ($ANNOTATED_TRANSFORMER_DATA or ~/.cache/annotated_transformer)."""
+    return Path(data_dir()) / "translation" / "model.pt"
 
 
 # The types of the make_model arguments save_translator records (model.config); a checkpoint must hold
@@ -318,7 +319,7 @@ def translate_main(argv=None) -> int:
                                 description="Translate German sentences into English with a trained checkpoint.")
     p.add_argument("sentences", nargs="*", help="German sentences (none: read standard input, one per line; "
                                                 "one output line per input line, a blank line for a blank line)")
-    p.add_argument("--checkpoint", default=None, help="model file (default: build/translation/model.pt)")
+    p.add_argument("--checkpoint", default=None, help="model file (default: translation/model.pt in the data cache, what the translation chapter saves)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the one stored in the checkpoint)")
     p.add_argument("--beam", type=int, default=4, help="beam size, 1 = greedy (default 4)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto (default cpu)")
