@@ -1,4 +1,3 @@
-import os
 import sys
 from pathlib import Path
 
@@ -6,11 +5,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
-# The book's data mirror: the build machines and CI have no internet access and keep Multi30k in
-# ../shared/data. The package only reads a mirror it is given; the tests (and the chapters nbval runs,
-# whose kernels inherit this environment) give it this one.
-if (ROOT.parent / "shared" / "data").is_dir():
-    os.environ.setdefault("ANNOTATED_TRANSFORMER_SHARED_DATA", str(ROOT.parent / "shared" / "data"))
 
 # Test tiers. `scripts/test -m unit` runs the package's unit tests (well under a minute: the edit loop);
 # `scripts/test` (what CI runs) runs everything: these, the chapters under nbval, the book in Chromium,
