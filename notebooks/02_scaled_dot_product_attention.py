@@ -12,8 +12,8 @@
 # # Q, K, V and scaled dot-product attention
 #
 # > "Query, key, value — Q, K, V.
-# > sound of [dog] = … ↓ query ↓ key … Bark … value."
-# > (the notes; the transcription reads "Bam", the word is "Bark")
+# > sound of [dog] = … ↓ query ↓ key … Bam … value."
+# > (the notes; "Bam" is how the transcription reads the handwriting, and the word is [Bark])
 #
 # The notes explain the three roles with one phrase. In *"the sound of a dog"* the words
 # "sound of" ask a question: **what sound?** That question is the **query**. The word "dog" is
@@ -38,7 +38,7 @@ seed = 0
 
 # %%
 #| default_exp attention
-from annotated_transformer.runtime import setup
+from annotated_transformer.runtime import glue, setup
 device = setup(device, profile, seed)
 
 import math
@@ -46,7 +46,6 @@ import math
 import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 # Sizes only: the logic is the same in both profiles.
 n_samples = 10_000 if profile == "quick" else 200_000    # dot products per d_k (experiment 1)
@@ -86,8 +85,8 @@ print("hard lookup would give:", sounds[int(weights.argmax())])
 #
 # ## Where Q, K and V come from
 #
-# > "Problems → no learnable params. → use of same vector" … "$(Q \cdot K^T) \cdot V$ is done to
-# > add learnable parameters in the matrices" (the notes)
+# > "Problems → no learnable params. → use of same vector" … "Software $(Q \cdot R^T) \cdot V$ is done
+# > to add learnable parameters in the matrices" (the notes; read *softmax* and $K$, as chapter 1 does)
 #
 # [Chapter 1](01_embeddings_to_attention.ipynb) ended on the notes' two complaints about mixing
 # word embeddings by their raw similarities (nothing there is learnt, and the *same* vector plays
@@ -101,8 +100,9 @@ print("hard lookup would give:", sounds[int(weights.argmax())])
 # $$
 #
 # Row $i$ of $QK^\top$ holds the scores of query $i$ against every key; the softmax runs along
-# that row, and the weighted rows of $V$ are summed. The notes write $d_k$ as "dim. of {Q, K, V}";
-# strictly, $d_k$ is the width that queries and keys must share (their dot product needs it), and
+# that row, and the weighted rows of $V$ are summed. The notes write $d_k$ as "dim. of {S, K, V}" (the
+# S standing for Q); strictly, $d_k$ is the width that queries and keys must share (their dot product
+# needs it), and
 # the values have their own width $d_v$ (the paper {cite}`vaswani2017attention` uses
 # $d_k = d_v = d_\text{model}/h = 64$). On top of chapter 1's projections the whole mechanism is
 # one line:
@@ -129,7 +129,7 @@ print("every row of weights sums to 1:",
 #
 # The notes give the reason in four steps:
 #
-# > "Why $\sqrt{d_K}$ → dim. of {Q, K, V} ↓ hyperparameter" …
+# > "Why $\sqrt{d_K}$ → dim. of {S, K, V} ↓ hyperparameter" …
 # > "variance $(A \cdot B) \propto n$, $n$ = common dim. of A & B" …
 # > "High var → Vanishing grad … Hinders training, so we use $\sqrt{d_K}$" …
 # > "$C = A\cdot B$, $\mathrm{Var}(C) = n\cdot\mathrm{Var}(A)\cdot\mathrm{Var}(B)$ → zero mean
@@ -244,9 +244,12 @@ plt.show()
 # $q_ik_i$. Dividing by $d_k$ instead would shrink the variance to $1/d_k$; dividing by
 # $\sqrt{d_k}$ is the one choice that undoes the growth exactly.
 #
-# And "$\sqrt{d_k}$ → hyperparameter" is loose: $d_k$ is a hyperparameter (a width you choose,
-# 64 in the paper), but $\sqrt{d_k}$ is then *fixed* by it, not tuned on its own. Nothing is searched
-# over; the scale is the consequence of the variance law.
+# And "$\sqrt{d_k}$ → hyperparameter" is loose. $d_k = d_\text{model}/h$ is a design choice (the
+# paper's $64$ follows from $d_\text{model} = 512$ and $h = 8$), and the $1/\sqrt{d_k}$ scale is not tuned
+# in the paper: it follows from $d_k$ by the variance law above. It is still a choice, not a law: T5
+# {cite}`raffel2020exploring` drops the scale (its code folds it into the initialisation of $W_q$), and μP
+# {cite}`yang2021tuning` divides by $d_k$ instead, so that attention behaves the same as models are made
+# wider.
 #
 # Why should a large variance hurt? The notes: "High var → Vanishing grad … Hinders training."
 # The next two experiments show the mechanism: a large variance saturates the softmax, and a
@@ -254,7 +257,7 @@ plt.show()
 #
 # ### Experiment 2: softmax saturation
 #
-# Take one query and $n = 32$ keys with standard normal entries and look at the softmax of the 32
+# Take one query and $n = 32$ keys with standard normal entries and look at the softmax of the $n$
 # scores, with and without the $1/\sqrt{d_k}$. Two numbers summarise a row of weights: its largest
 # weight (1 means all weight on one key, $1/32$ means uniform) and its entropy
 # $-\sum_j p_j\ln p_j$ (0 for one-hot, $\ln 32 \approx 3.47$ nats for uniform).
@@ -311,13 +314,18 @@ for ax in axes:
 fig.suptitle(f"softmax over {n_keys} keys: unscaled scores saturate as $d_k$ grows")
 plt.tight_layout()
 plt.show()
+glue("dk_max", d_ks[-1])
+for name in ("scaled", "unscaled"):
+    glue(f"saturated_{name}", (sat[d_ks[-1], name]["max_w"] > 0.99).double().mean().item(), ".1%")
 
 # %% [markdown]
 # With the scale, the weights look the same at every $d_k$ (the scores have variance 1 whatever
 # $d_k$ is). Without it, the scores have standard deviation $\sqrt{d_k}$, the gap between the
 # largest score and the rest grows like $\sqrt{d_k}$, and the softmax turns into an arg-max: the
 # table shows the largest weight creeping towards 1, the entropy falling towards 0, and the share
-# of rows with more than 99 % of their weight on one key growing with $d_k$.
+# of rows with more than $99\%$ of their weight on one key growing with $d_k$: at $d_k =$
+# {glue:text}`dk_max`, {glue:text}`saturated_unscaled` of the unscaled rows against
+# {glue:text}`saturated_scaled` of the scaled ones.
 #
 # ### Experiment 3: the gradient that reaches Q and K
 #
@@ -363,11 +371,17 @@ for ax, which, label in ((axes[0], "grad_q", r"$\|\partial L/\partial q\|$"), (a
 fig.suptitle("gradient reaching the queries and keys (band: 10th to 90th percentile of rows)")
 plt.tight_layout()
 plt.show()
+glue("grad_q_scaled_lo", min(sat[d, "scaled"]["grad_q"].median().item() for d in d_ks), ".2f")
+glue("grad_q_scaled_hi", max(sat[d, "scaled"]["grad_q"].median().item() for d in d_ks), ".2f")
+glue("grad_q_unscaled_peak", max(sat[d, "unscaled"]["grad_q"].median().item() for d in d_ks), ".2g")
+glue("grad_q_unscaled_last", sat[d_ks[-1], "unscaled"]["grad_q"].median().item(), ".2g")
 
 # %% [markdown]
-# Scaled, the median gradient norm is flat in $d_k$. Unscaled, it first *grows* (for small $d_k$
-# the softmax is not yet saturated and the factor $\lVert k_j\rVert \sim \sqrt{d_k}$ wins) and
-# then collapses by orders of magnitude once the softmax saturates; the 10th percentile falls even
+# Scaled, the median gradient norm is flat in $d_k$: between {glue:text}`grad_q_scaled_lo` and
+# {glue:text}`grad_q_scaled_hi` at every width. Unscaled, it first *grows*, to {glue:text}`grad_q_unscaled_peak`
+# (for small $d_k$ the softmax is not yet saturated and the factor $\lVert k_j\rVert \sim \sqrt{d_k}$
+# wins), and then collapses by orders of magnitude once the softmax saturates, to
+# {glue:text}`grad_q_unscaled_last` at $d_k =$ {glue:text}`dk_max`; the 10th percentile falls even
 # faster. So the notes' "High var → Vanishing grad" is right about large $d_k$, and the picture is
 # a little broader: without the scale, the size of the gradient depends on the width you happened
 # to choose. With it, changing $d_k$ leaves the softmax, and the gradients through it, alone.
@@ -380,10 +394,10 @@ plt.show()
 # |---|---|
 # | "variance $(A\cdot B) \propto n$" | exactly $\mathrm{Var}(a\cdot b) = n\,\mathrm{Var}(a_i)\,\mathrm{Var}(b_i)$ for independent, zero-mean, identically distributed entries (experiment 1) |
 # | "entries of A & B have identical values" | identically *distributed*; identical values ($k = q$) give mean $n\sigma^2$, not 0 |
-# | "$\sqrt{d_k}$ → hyperparameter" | $d_k$ is the hyperparameter; $\sqrt{d_k}$ is fixed by it |
+# | "$\sqrt{d_k}$ → hyperparameter" | $d_k = d_\text{model}/h$ is a design choice; the $1/\sqrt{d_k}$ scale follows from it and is not tuned in the paper (T5 drops it, μP uses $1/d_k$) |
 # | "keep var(X) same" | $\mathrm{Var}(X/\sqrt{d_k}) = \sigma_q^2\sigma_k^2$: the same for every $d_k$, 1 for unit-variance entries |
 # | "High var → Vanishing grad" | high variance saturates the softmax (experiment 2), whose gradient then vanishes (experiment 3) |
-# | "dim. of {Q, K, V}" | $d_k$ is the width of queries and keys; values have their own $d_v$ |
+# | "dim. of {S, K, V}" | $d_k$ is the width of queries and keys (the S is Q); values have their own $d_v$ |
 
 # %% [markdown]
 # ## Masks
@@ -591,7 +605,7 @@ print("ours, any NaN:", bool(out.isnan().any()))
 # rows (in the other rows those weights are already $e^{-\infty} = 0$). Forward and backward stay
 # free of NaN.
 #
-# PyTorch has gone back and forth on this row. Its fused
+# PyTorch changed its answer for this row once. Its fused
 # `torch.nn.functional.scaled_dot_product_attention` returned NaN for it for years (PyTorch issue
 # 103963) until a "safe softmax" that zeroes fully masked rows went into its reference
 # implementation in 2024 (proposed in PyTorch pull request 131060); the cell below prints what the
@@ -657,7 +671,8 @@ for name, call in bad_calls.items():
 #   $W_q, W_k, W_v$ give each role its own learnable vector.
 # - $\mathrm{Var}(q\cdot k) = d_k\,\sigma_q^2\sigma_k^2$ exactly; dividing by $\sqrt{d_k}$ makes the
 #   scores' variance independent of $d_k$, which keeps the softmax from saturating and the
-#   gradients through it from vanishing. $d_k$ is the hyperparameter, $\sqrt{d_k}$ follows.
+#   gradients through it from vanishing. $d_k = d_\text{model}/h$ is a design choice and the scale
+#   follows from it, untuned in the paper (T5 drops it, μP uses $1/d_k$).
 # - Masks are boolean, True = may attend, broadcast to (batch, h, q_len, k_len); a query with no
 #   allowed key gets zeros, not NaN.
 #

@@ -68,7 +68,7 @@ seed = 0
 
 # %%
 #| default_exp multihead
-from annotated_transformer.runtime import setup
+from annotated_transformer.runtime import glue, setup
 device = setup(device, profile, seed)
 
 import time
@@ -256,7 +256,7 @@ class MultiHeadAttention(nn.Module):
 # %% [markdown]
 # Batched heads are the same computation as $h$ separate attentions, one per slice of the
 # projections, concatenated: the cell runs both and compares. It also counts parameters: one head
-# of width 32 and eight heads of width 4 have the same number.
+# of width $d_k = 32$ and eight heads of width $d_k = 4$ have the same number.
 
 # %% tags=["nbval-check-output"]
 torch.manual_seed(seed)
@@ -284,13 +284,13 @@ for h in (1, 2, 8):
 # ## Two relations at once
 #
 # A task that needs two relations at every position: read a sequence of random tokens
-# $x_0, x_1, \dots, x_{T-1}$ from a vocabulary of 10 and, at every position $i \ge 2$, output
+# $x_0, x_1, \dots, x_{T-1}$ from a vocabulary of {glue:text}`vocab` and, at every position $i \ge 2$, output
 # **both** the first token $x_0$ and the previous token $x_{i-1}$. One relation is absolute
 # ("look at position 0"), the other relative ("look one step back"). The model is as small as a
 # model with attention can be: token and learned position embeddings, one causally masked
 # attention layer with a residual connection, and two linear read-outs, one per answer. All
-# models have $d_\text{model} = 32$; only the number of heads changes, 1 (one head of width 32),
-# 2 (width 16) or 4 (width 8), with the same number of parameters.
+# models have $d_\text{model} = 32$; only the number of heads $h$ changes, $1$, $2$ or $4$ (heads of width
+# $d_k = 32$, $16$ or $8$), with the same number of parameters.
 #
 # Why one head should struggle. Suppose it puts weight $\alpha$ on position 0 and $1-\alpha$ on
 # position $i-1$, the same split whatever the tokens are (the task is about positions, not
@@ -319,6 +319,9 @@ for h in (1, 2, 8):
 
 # %%
 vocab, T, d_model = 10, 8, 32
+glue("vocab", vocab)
+glue("d_model", d_model)
+glue("d_k_2", d_model // 2)
 
 
 def make_batch(n, gen):
@@ -366,12 +369,16 @@ def train_model(h, run_seed):
     return model, losses
 
 
+n_eval = 2000
+glue("n_eval", n_eval)
+
+
 @torch.no_grad()
 def evaluate(model):
-    """Accuracy on 2000 fresh sequences, the mean attention weights per head (h, T, T), and per head
+    """Accuracy on n_eval fresh sequences, the mean attention weights per head (h, T, T), and per head
     the 10th and 90th percentile, over sequences and query positions i >= 2, of the weight on key 0."""
     model.eval()
-    x, first, prev = make_batch(2000, torch.Generator().manual_seed(12345))
+    x, first, prev = make_batch(n_eval, torch.Generator().manual_seed(12345))
     lf, lp, weights = model(x, need_weights=True)
     ok_first = (lf.argmax(-1) == first)[:, 2:]
     ok_prev = (lp.argmax(-1) == prev)[:, 2:]
@@ -395,11 +402,13 @@ print(f"trained {len(runs)} models x {train_steps} steps in {time.perf_counter()
 
 # %% [markdown]
 # The cell below prints each model's accuracy on fresh sequences (positions $i \ge 2$): on the
-# first token, on the previous token, and on both at once. Each head count is trained from several
-# seeds (the header says how many) and the table gives the worst seed and the mean.
+# first token, on the previous token, and on both at once. Each head count is trained from
+# {glue:text}`n_seeds` seeds and the table gives the worst seed and the mean. On both answers at once,
+# one head scored between {glue:text}`one_head_both_worst` and {glue:text}`one_head_both_best`; the
+# worst of the two-head models scored {glue:text}`two_heads_both_worst`.
 
 # %%
-print(f"accuracy on 2000 fresh sequences, {n_seeds} seed(s) x {train_steps} steps per row; "
+print(f"accuracy on {n_eval} fresh sequences, {n_seeds} seed(s) x {train_steps} steps per row; "
       f"{'worst seed / mean' if n_seeds > 1 else 'one seed'}; loss: worst seed's mean over the last 20 steps")
 print(f"{'heads':>5} {'d_k':>4} | {'first token':>11} {'previous':>11} {'both':>11} | {'final loss':>10}")
 for h in head_counts:
@@ -409,6 +418,11 @@ for h in head_counts:
         return f"{min(vals):.3f}" if n_seeds == 1 else f"{min(vals):.3f}/{sum(vals) / len(vals):.3f}"
     final = [sum(r["losses"][-20:]) / 20 for r in rs]
     print(f"{h:>5} {d_model // h:>4} | {fmt('first'):>11} {fmt('previous'):>11} {fmt('both'):>11} | {max(final):>10.4f}")
+both = {h: [runs[h, s]["both"] for s in range(n_seeds)] for h in head_counts}
+glue("n_seeds", n_seeds)
+glue("one_head_both_worst", min(both[1]), ".3f")
+glue("one_head_both_best", max(both[1]), ".3f")
+glue("two_heads_both_worst", min(both[2]), ".3f")
 
 # %%
 fig, ax = plt.subplots(figsize=(6.5, 3.6))
@@ -426,7 +440,7 @@ plt.show()
 
 # %% [markdown]
 # The heat-maps show where each head of the seed-0 models looks: row $i$ is query position $i$,
-# column $j$ key position $j$, averaged over 2000 sequences. The relation "first token" is the
+# column $j$ key position $j$, averaged over the evaluation's {glue:text}`n_eval` sequences. The relation "first token" is the
 # left column; "previous token" is the diagonal just below the main one. The cell after prints,
 # for each head, its mean weight on each relation.
 
@@ -440,7 +454,7 @@ for row, h in enumerate(head_counts):
         if col >= h:
             ax.axis("off")
             continue
-        ax.imshow(w[col], cmap="viridis", vmin=0, vmax=1)
+        im = ax.imshow(w[col], cmap="viridis", vmin=0, vmax=1)
         ax.set_title(f"h={h}: head {col}", fontsize=9)
         ax.set_xticks(range(T))
         ax.set_yticks(range(T))
@@ -450,6 +464,7 @@ for row, h in enumerate(head_counts):
         ax.set_xlabel("key position", fontsize=8)
 fig.suptitle("mean attention weights (seed 0): left column = first token, sub-diagonal = previous token")
 plt.tight_layout()
+fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, label="attention weight")
 plt.show()
 
 # %%
@@ -587,7 +602,8 @@ for name, call in bad_calls.items():
 # - One attention head gives each query one weighted average; information from two places ends up
 #   blended in the same coordinates. $h$ heads give $h$ distributions per query and keep their
 #   results apart until $W_o$ mixes them, at the same parameter count when $d_k = d_\text{model}/h$.
-# - On a task that needs the first and the previous token at once, two heads of width 16 split the
-#   two relations between them and solve it; one head of width 32 blends them and does not.
+# - On a task that needs the first and the previous token at once, two heads of width
+#   {glue:text}`d_k_2` split the two relations between them and solve it; one head of width
+#   {glue:text}`d_model` blends them and does not.
 # - `MultiHeadAttention(d_model, h, dropout, bias)` matches `torch.nn.MultiheadAttention`
 #   (`from_torch`), with masks that mean the opposite of PyTorch's: True = may attend.

@@ -27,7 +27,7 @@ seed = 0
 
 # %%
 #| default_exp positional
-from annotated_transformer.runtime import setup
+from annotated_transformer.runtime import glue, setup
 device = setup(device, profile, seed)
 
 # %%
@@ -91,7 +91,7 @@ print("attention(shuffled x) == shuffled attention(x):", torch.allclose(out_of_s
 # With integer positions and irrational frequencies exact collisions (almost) never happen, so we
 # count **near-collisions**: pairs of distinct positions $0 \le p < q < L$ whose encodings are closer
 # than $\varepsilon$ in Euclidean distance, $\lVert PE(p) - PE(q) \rVert_2 < \varepsilon$. We take
-# $L = 1000$ positions (499,500 pairs of positions), $\varepsilon = 0.1$, the paper's frequencies, and
+# $L = 1000$ positions ($L(L-1)/2$ pairs of positions), $\varepsilon = 0.1$, the paper's frequencies, and
 # compare three encodings of small width:
 #
 # - *sin only, d/2 freq*: $\sin(\omega_i\,pos)$ for the $d/2$ frequencies $\omega_i = 10000^{-2i/d}$ of
@@ -143,7 +143,7 @@ for d in (2, 4, 8, 16):
 # $d = 2$ the all-sine encoding wins, because two different frequencies fight periodicity better than
 # one frequency seen through sin and cos; at $d = 4$ the pairs' closest two positions are further
 # apart, though at this $\varepsilon$ they have more near-collisions; from $d = 8$ on the pairs have no
-# near-collisions among the first 1000 positions and their closest two positions are several times
+# near-collisions among the first $L$ positions and their closest two positions are several times
 # further apart than the all-sine encoding's. The stronger reason to prefer pairs comes in the section
 # on $T_k$: only with both sin and cos is a shift of position a linear map.
 
@@ -163,18 +163,18 @@ for d in (2, 4, 8, 16):
 #
 # Four differences, each a real error in the notes:
 #
-# 1. **The base is 10000, not 1000.** It sets the longest wavelength, almost $2\pi \cdot 10000$ positions.
+# 1. **The base is 10000, not "1000".** It sets the longest wavelength, almost $2\pi \cdot 10000$ positions.
 # 2. **The exponent $2i/d_{\text{model}}$ is missing**, and it is the whole idea. Without it the right-hand
 #    side does not depend on $i$: every pair would turn at the same frequency and the 512 numbers would
 #    carry one angle. With it, pair $i$ turns at angular frequency $\omega_i = 10000^{-2i/d_{\text{model}}}$,
 #    wavelength $2\pi \cdot 10000^{2i/d_{\text{model}}}$: a geometric progression from $2\pi$ to almost
 #    $2\pi \cdot 10000$. That is what "reduced freq" means. The notes' picture halves the frequency from
-#    pair to pair; the real ratio is $10000^{-2/d_{\text{model}}}$, much closer to 1 (halving 255 times
-#    would reach $2^{-255}$, a frequency at which no position up to $10^{70}$ moves).
+#    pair to pair; the real ratio is $10000^{-2/d_{\text{model}}}$, much closer to 1 (halving at every
+#    pair would reach $2^{-255}$ at the last one, a frequency at which no position up to $10^{70}$ moves).
 # 3. **There is no "mod $2\pi$".** Sine and cosine are already $2\pi$-periodic, so
 #    $\sin(x \bmod 2\pi) = \sin x$: the reduction changes nothing. What varies from dimension to dimension
 #    is the frequency, not a modulus.
-# 4. **512 dimensions make 256 (sin, cos) pairs**, $d_{\text{model}}/2$, not 264.
+# 4. **512 dimensions make $d_{\text{model}}/2 = 256$ (sin, cos) pairs**, not "264".
 #
 # The cell below prints the number behind each point.
 
@@ -187,13 +187,13 @@ print("ratio between consecutive frequencies, 10000^(-2/512):", round(10000 ** (
 print("shortest wavelength (pair 0):  ", round(2 * math.pi / omega[0].item(), 4), "positions")
 print("longest wavelength (pair 255):", round(2 * math.pi / omega[-1].item()), "positions = 2π ·", round(1 / omega[-1].item()))
 mod_gap = (torch.sin(torch.remainder(angles, 2 * math.pi)) - torch.sin(angles)).abs().max().item()
-print("max |sin(x mod 2π) - sin(x)| over the angles of a 5000 x 512 table:", mod_gap < 1e-10)
+print("max |sin(x mod 2π) - sin(x)| over the angles of a 5000 x 512 table < 1e-10:", mod_gap < 1e-10)
 
 # %% [markdown]
 # The exported function computes exactly this table. It computes the angles in float64 and casts at
-# the end: in float32, `pos * omega` at position 5000 is already off by a few $10^{-4}$ rad (the
-# original Annotated Transformer {cite}`rush2018annotated` computes it in float32; the cell after next
-# measures the difference).
+# the end: in float32, `pos * omega` drifts, and over the first {glue:text}`drift_len` positions the
+# sines it gives are off by up to {glue:text}`drift32` (the original Annotated Transformer
+# {cite}`rush2018annotated` computes it in float32; the cell after next measures the difference).
 
 # %%
 #| export
@@ -221,7 +221,8 @@ def sinusoidal_table(max_len: int, d_model: int, dtype: torch.dtype = torch.floa
     """The paper's encoding (section 3.5) as a (max_len, d_model) table whose row pos holds
     PE(pos, 2i) = sin(pos / 10000^(2i/d_model)) and PE(pos, 2i+1) = cos(pos / 10000^(2i/d_model)).
 
-    Angles are computed in float64 and cast to `dtype` at the end (float32 angles drift by ~1e-4 at pos 5000).
+    Angles are computed in float64 and cast to `dtype` at the end (with float32 angles, sin is off by up to
+    ~4e-4 over positions 0..4999 at d_model=512: chapter 4 measures it).
     """
     _check_d_model(d_model)
     if isinstance(max_len, bool) or not isinstance(max_len, Integral) or max_len < 0:
@@ -243,13 +244,16 @@ for pos, col in [(0, 0), (0, 1), (1, 0), (7, 10), (4999, 511)]:
     f = math.sin if col % 2 == 0 else math.cos
     print(f"PE({pos:>4}, {col:>3}) = {table[pos, col].item(): .6f}   formula: {f(pos / 10000 ** ((col - col % 2) / 512)): .6f}")
 angle32 = torch.arange(5000, dtype=torch.float32).unsqueeze(1) * _frequencies(512).float()
-print("max |sin(float32 angles) - sin(float64 angles)|:", round((torch.sin(angle32).double() - table[:, 0::2]).abs().max().item(), 4))
+drift = (torch.sin(angle32).double() - table[:, 0::2]).abs().max().item()
+print("max |sin(float32 angles) - sin(float64 angles)|:", round(drift, 4))
+glue("drift32", drift, ".0e")
+glue("drift_len", table.shape[0])
 print("max |sinusoidal_table(float32) - float64 table| < 1e-7:",
       (sinusoidal_table(5000, 512).double() - table).abs().max().item() < 1e-7)
 
 # %% [markdown]
-# Below, the first 100 positions of a 128-wide table (left): the first columns flicker from position
-# to position, later columns change slowly, the last ones barely move in 100 positions. On the right,
+# Below, the first $100$ positions of a table with $d_{\text{model}} = 128$ (left): the first columns
+# flicker from position to position, later columns change slowly, the last ones barely move at all. On the right,
 # the wavelength of every pair for $d_{\text{model}} = 512$, the paper's progression against the notes'
 # halving.
 
@@ -328,12 +332,13 @@ def offset_matrix(k: int, d_model: int, dtype: torch.dtype = torch.float32) -> t
 
 # %% [markdown]
 # Now the check, in float64: for every offset $k \in [-K, K]$ and every position $pos$ such that both
-# $pos$ and $pos + k$ are rows of a 1000-row table, compare $T_k\,PE(pos)$ with $PE(pos+k)$; then the
+# $pos$ and $pos + k$ are rows of a table of {glue:text}`pe_rows` rows, compare $T_k\,PE(pos)$ with $PE(pos+k)$; then the
 # algebra of the $T_k$.
 
 # %% tags=["nbval-check-output"]
 K = 32 if profile == "quick" else 500
 d_model, rows = 512, 1000
+glue("pe_rows", rows)
 table = sinusoidal_table(rows, d_model, dtype=torch.float64)       # (1000, 512), one row per position
 worst = 0.0
 for k in range(-K, K + 1):
@@ -478,7 +483,7 @@ print("with positions, attention(shuffled x) == shuffled attention(x):",
 # - Attention is permutation-equivariant; adding $PE(pos)$ to each token is what lets it see order.
 # - $PE(pos, 2i) = \sin(pos / 10000^{2i/d_{\text{model}}})$ and $PE(pos, 2i+1) = \cos(\cdot)$: base
 #   10000, a frequency per pair that shrinks geometrically from 1 to almost $1/10000$, no "mod 2π",
-#   and $d_{\text{model}}/2$ pairs (256 for 512).
+#   and $d_{\text{model}}/2$ pairs ($256$ for $d_{\text{model}} = 512$).
 # - Sine and cosine together pin the angle on the circle (no mirror collisions) and make a shift by $k$
 #   the rotation $T_k$: the same for every position, with $T_{a+b} = T_a T_b$, and dot products that
 #   depend only on the offset.

@@ -18,7 +18,8 @@
 # connection: its output is *added* to its input, and the paper writes the result as
 # $\mathrm{LayerNorm}(x + \mathrm{Sublayer}(x))$ {cite}`vaswani2017attention`. The notes list three
 # reasons, each of which is right and each of which this chapter measures: gradients at the first layer
-# of deep stacks with and without the skip, and training curves at several depths. Then the part the
+# of deep stacks with and without the skip, training curves at several depths, and how much each layer of
+# a trained stack adds to what flows through it. Then the part the
 # notes leave out, and the one that matters most in practice today: *where the LayerNorm goes*. The
 # paper normalises after the addition (post-LN); most Transformers trained since normalise before the
 # sub-layer (pre-LN), and we show why a deep pre-LN stack trains without the learning-rate warm-up that a
@@ -32,7 +33,7 @@ seed = 0
 
 # %%
 #| default_exp residual
-from annotated_transformer.runtime import setup
+from annotated_transformer.runtime import glue, setup
 device = setup(device, profile, seed)
 
 # %%
@@ -70,10 +71,10 @@ from annotated_transformer.positional import PositionalEncoding
 #   layer would have to *learn* the identity, which He et al. found optimisers do badly
 #   {cite}`he2016deep`. In a Transformer this reads naturally: the token vectors flow up the stack, and
 #   each sub-layer reads them and writes an update into them.
-# - **Enables deeper networks.** He et al. trained 152-layer networks on ImageNet with this change, where
-#   plain networks got *worse* as they were made deeper, on training data too {cite}`he2016deep`. The
-#   paper's Transformer has 6 layers per stack of 2 or 3 sub-layers each, so 12 residual sub-layers in
-#   the encoder and 18 in the decoder.
+# - **Enables deeper networks.** He et al. trained networks of $152$ layers on ImageNet with this change,
+#   where plain networks got *worse* as they were made deeper, on training data too {cite}`he2016deep`.
+#   The paper's Transformer has 6 layers per stack, of 2 sub-layers in the encoder and 3 in the decoder:
+#   $6 \times 2 = 12$ residual sub-layers in the encoder and $6 \times 3 = 18$ in the decoder.
 #
 # What the notes do not say is that "residual + normalization" comes in two placements, and the choice
 # decides whether a deep stack trains at all at a given learning rate. We write the module first, then
@@ -307,10 +308,10 @@ CONFIGS = {  # name -> (norm_first, residual)
 }
 
 # %% [markdown]
-# ## Gradient flow: the gradient at the first layer, depths 6 to 48
+# ## Gradient flow: the gradient at the first layer, shallow to deep
 #
 # For each depth $N \in \{6, 12, 24, 48\}$ and each of the four kinds of stack, we build the stack at its
-# initialization, compute the loss on one batch of 32 sequences, backpropagate, and take the norm of the
+# initialization, compute the loss on one batch of $32$ sequences, backpropagate, and take the norm of the
 # gradient with respect to all the parameters of the **first** layer (attention, FFN and norms), averaged
 # over two initializations. We also keep the gradient norm of every layer, to see where along the
 # stack the gradient is lost.
@@ -337,6 +338,11 @@ for name, (norm_first, residual) in tqdm(CONFIGS.items(), desc="gradient norms")
             per_seed.append(layer_grad_norms(Stack(N, norm_first, residual).to(device), x.to(device), y.to(device)))
         grads[name, N] = torch.tensor(per_seed).mean(0)                # (N,)
 
+glue("N_max", depths[-1])
+glue("N_min", depths[0])
+for name, key in (("post-LN placement, no skip", "noskip_post"), ("pre-LN, residual", "res_pre")):
+    glue(f"grad_first_{key}_min", grads[name, depths[0]][0].item(), ".1e")
+    glue(f"grad_first_{key}_max", grads[name, depths[-1]][0].item(), ".1e")
 for which, index in (("FIRST", 0), ("LAST", -1)):
     print(f"gradient norm at the {which} layer (mean of {len(init_seeds)} initializations)")
     print(f"{'':>27} | " + " | ".join(f"N = {N:>2}  " for N in depths))
@@ -368,10 +374,13 @@ for name in CONFIGS:
 # %% [markdown]
 # The first plot is the notes' "better gradient flow", measured. Without the skip (dashed), the gradient
 # that reaches the first layer falls geometrically with depth, whichever side of the sub-layer the
-# norm is on: by orders of magnitude between 6 and 48 layers (the table prints the numbers). The right
-# plot shows it happening along a single 48-layer stack: each layer without a skip multiplies the
-# gradient by a factor below one on average, so it decays layer by layer from the output down (read it right to
-# left). With the skip (solid) the gradient at the first layer hardly depends on depth.
+# norm is on: by orders of magnitude between {glue:text}`N_min` and {glue:text}`N_max` layers (post-LN
+# placement: from {glue:text}`grad_first_noskip_post_min` to {glue:text}`grad_first_noskip_post_max`). The
+# right plot shows it happening along a single stack of {glue:text}`N_max` layers: each layer without a
+# skip multiplies the gradient by a factor below one on average, so it decays layer by layer from the
+# output down (read it right to left). With the skip (solid) the gradient at the first layer hardly
+# depends on depth (pre-LN: {glue:text}`grad_first_res_pre_min` at {glue:text}`N_min` layers,
+# {glue:text}`grad_first_res_pre_max` at {glue:text}`N_max`).
 #
 # The two residual placements differ too, in a way that matters below. Pre-LN's gradient is the same at
 # every layer of the stack. Post-LN's is several times larger, and in deep stacks largest at the *top*,
@@ -379,7 +388,7 @@ for name in CONFIGS:
 # Xiong et al. {cite}`xiong2020layer` derived this shape at initialization: for post-LN the gradients
 # of the last layers' parameters are large and do not shrink as the stack gets deeper; for pre-LN they
 # are smaller (their analysis has them shrinking with depth; in our small stacks, whose embeddings are
-# scaled up by $\sqrt{d_{\text{model}}}$, they stay flat up to 48 layers). They proposed it as the
+# scaled up by $\sqrt{d_{\text{model}}}$, they stay flat up to {glue:text}`N_max` layers). They proposed it as the
 # reason post-LN needs a warm-up.
 #
 # ## Training, with and without residuals, at several depths
@@ -436,9 +445,10 @@ def smooth(values, k=15):
     return [v if math.isfinite(v) else float("nan") for v in out]
 
 
-depth_runs = {}
+depth_runs, depth_models = {}, {}
 for N, residual in tqdm([(N, r) for N in train_depths for r in (True, False)], desc="training, pre-LN"):
-    depth_runs[N, residual] = train(build(N, norm_first=True, residual=residual), lr=1e-3, steps=steps)
+    depth_models[N, residual] = build(N, norm_first=True, residual=residual)
+    depth_runs[N, residual] = train(depth_models[N, residual], lr=1e-3, steps=steps)
 
 m = torch.arange(V, dtype=torch.float64)
 p_max = ((m + 1) / V) ** SEQ - (m / V) ** SEQ                         # P(max of SEQ uniform tokens = m)
@@ -467,8 +477,70 @@ plt.show()
 # never gets below the level of a model that does not look at its input (the dotted line), while the
 # residual stack of the same depth trains, and ends lower than the shallow one: "enables deeper
 # networks", measured (the cell above prints the final losses). With more depth the plain stack is
-# hopeless: the first gradient table shows its first layer, at 48 layers, getting a gradient tens to
+# hopeless: the first gradient table shows its first layer, at {glue:text}`N_max` layers, getting a gradient tens to
 # hundreds of times smaller than with the skip.
+#
+# ### Reduced burden on layers, measured
+#
+# "A layer no longer has to compute its whole output, only what to add": if that is what happens, the
+# update each sub-layer writes into the stream should be small next to the stream itself. For the
+# deepest residual stack just trained, and for the same stack at its initialization, the cell runs a
+# batch through the stack by hand and measures, at every residual sub-layer (attention and FFN of each
+# layer, input side first), the ratio $\lVert F(\mathrm{LN}(x)) \rVert / \lVert x \rVert$ of the
+# branch's output to the stream it is added to, per token, averaged over the batch's tokens.
+
+# %%
+@torch.no_grad()
+def branch_ratios(model, tokens):
+    """||F(LN(x))|| / ||x|| at every residual sub-layer of a pre-LN Stack, input side first (token mean)."""
+    x = model.pos(model.embed(tokens) * math.sqrt(model.embed.embedding_dim))
+    ratios = []
+    for layer in model.layers:
+        for sub, branch in ((layer.sublayer[0], lambda t: layer.self_attn(t, t, t)[0]),
+                            (layer.sublayer[1], layer.feed_forward)):
+            f = branch(sub.norm(x))                                     # what the sub-layer adds
+            ratios.append((f.norm(dim=-1) / x.norm(dim=-1)).mean().item())
+            x = x + f
+    return ratios
+
+
+deep = train_depths[-1]
+probe, _ = make_batch(256, torch.Generator().manual_seed(seed + 7))
+trained_ratios = branch_ratios(depth_models[deep, True].eval(), probe.to(device))
+init_ratios = branch_ratios(build(deep, norm_first=True, residual=True).to(device).eval(), probe.to(device))
+
+fig, ax = plt.subplots(figsize=(6.5, 3.4))
+positions = [l + 1 + (0.5 if j else 0) for l in range(deep) for j in range(2)]
+ax.semilogy(positions, init_ratios, "o--", color="gray", label="at initialization")
+ax.semilogy(positions, trained_ratios, "o-", color="C0", label=f"after {steps} steps")
+ax.set(xlabel="layer (attention at n, FFN at n + 0.5)", ylabel=r"$\|F(\mathrm{LN}(x))\| / \|x\|$",
+       title=f"what each sub-layer adds, {deep}-layer pre-LN residual stack")
+ax.legend(fontsize=8)
+fig.tight_layout()
+plt.show()
+half = len(trained_ratios) // 2
+print(f"{deep} layers, {2 * deep} residual sub-layers: ||F(LN(x))|| / ||x||, token mean")
+for name, r in (("at initialization", init_ratios), (f"after {steps} steps", trained_ratios)):
+    print(f"  {name:>18}: min {min(r):.3f}, median {sorted(r)[len(r) // 2]:.3f}, max {max(r):.3f} | "
+          f"first half of the stack {sum(r[:half]) / half:.3f}, second half {sum(r[half:]) / half:.3f}")
+
+# %% tags=["remove-input"]
+# The numbers the next paragraph quotes (hidden in the HTML: the lines above print them).
+glue("burden_deep", deep)
+glue("burden_lo", min(trained_ratios), ".2f")
+glue("burden_hi", max(trained_ratios), ".2f")
+glue("burden_median", sorted(trained_ratios)[half], ".2f")
+glue("burden_init_median", sorted(init_ratios)[half], ".2f")
+glue("burden_first_half", sum(trained_ratios[:half]) / half, ".2f")
+glue("burden_second_half", sum(trained_ratios[half:]) / half, ".2f")
+
+# %% [markdown]
+# In the trained stack of {glue:text}`burden_deep` layers, every sub-layer's update is a fraction of the
+# stream it is added to: from {glue:text}`burden_lo` to {glue:text}`burden_hi` of its size, median
+# {glue:text}`burden_median` (at initialization the median was {glue:text}`burden_init_median`). On
+# average over the first half of the stack the ratio is {glue:text}`burden_first_half`, over the second
+# half {glue:text}`burden_second_half`. This is the notes' "reduced burden" in numbers: no layer rewrites
+# the token vectors; each one nudges them, and the identity path carries the rest.
 #
 # ## Post-LN and pre-LN
 #
@@ -519,6 +591,8 @@ for name in ("post-LN, residual (paper)", "pre-LN, residual"):
                 moved.append(((model(x) - before).norm() / before.norm()).item())
         amplification[name, N] = sum(moved) / len(moved)
 
+first_over_one = next((N for N in depths if amplification["post-LN, residual (paper)", N] > 1), None)
+glue("amp_over_one", f"from {first_over_one} layers on" if first_over_one else "at none of these depths")
 print("relative change of the output after one Adam step at lr 1e-3, |f(θ') - f(θ)| / |f(θ)|")
 print(f"{'':>26} | " + " | ".join(f"N = {N:>2}" for N in depths))
 for name in ("post-LN, residual (paper)", "pre-LN, residual"):
@@ -531,19 +605,22 @@ print("one step moves the post-LN stack's output more than the pre-LN stack's, a
 
 # %% [markdown]
 # The table shows the amplification: the same single step moves a post-LN stack's output several times
-# more than a pre-LN stack's of the same depth, and from 24 layers on it changes the post-LN output by
-# more than its own size. Now the consequence in training. A 12-layer stack, Adam at a peak learning
-# rate of $3 \cdot 10^{-3}$, three runs from the same initialization on the same batches. All three
-# use the paper's schedule shape after step 50 (the rate decays as $1/\sqrt{\text{step}}$); they differ
-# in the first 50 steps only:
+# more than a pre-LN stack's of the same depth, and {glue:text}`amp_over_one` it changes the post-LN
+# output by more than its own size. Now the consequence in training. A stack of {glue:text}`warm_N`
+# layers, Adam at a peak learning rate of $3 \cdot 10^{-3}$, three runs from the same initialization on
+# the same batches. All three use the paper's schedule shape after step {glue:text}`warmup` (the rate
+# decays as $1/\sqrt{\text{step}}$); they differ in the first {glue:text}`warmup` steps only:
 #
 # - **post-LN, no warm-up**: the peak rate from the first step;
-# - **post-LN, warm-up**: the rate rises linearly from 0 to the peak over the first 50 steps (this is
-#   exactly the paper's schedule, chapter 8, with 50 warm-up steps instead of 4000);
+# - **post-LN, warm-up**: the rate rises linearly from 0 to the peak over the first {glue:text}`warmup`
+#   steps (this is exactly the paper's schedule, chapter 8, with {glue:text}`warmup` warm-up steps
+#   instead of 4000);
 # - **pre-LN, no warm-up**.
 
 # %%
 warm_N, warm_lr, warmup = 12, 3e-3, 50
+glue("warm_N", warm_N)
+glue("warmup", warmup)
 warm_steps = 150 if profile == "quick" else 600
 warm_runs = {}
 for name, norm_first, w in tqdm([("post-LN, no warm-up", False, 0), ("post-LN, warm-up", False, warmup),
@@ -555,6 +632,7 @@ print(f"{warm_N} layers, Adam peak lr {warm_lr}, {warm_steps} steps: mean loss o
       f"(blind to the input: {blind:.2f})")
 for name, losses in warm_runs.items():
     print(f"  {name:>20}: {sum(losses[-20:]) / 20:.3f}")
+    glue("warm_" + name.replace("-", "").replace(",", "").replace(" ", "_"), sum(losses[-20:]) / 20, ".3f")
 
 fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw=dict(width_ratios=(1, 2.2)))
 ax0.plot([warm_lr * lr_factor(t, warmup, warmup) for t in range(warm_steps)], color="C1", label="warm-up")
@@ -572,9 +650,11 @@ fig.tight_layout()
 plt.show()
 
 # %% [markdown]
-# Without warm-up the post-LN stack gets stuck on a plateau well above the others: its first steps at
+# Without warm-up the post-LN stack gets stuck on a plateau well above the others (mean loss over the
+# last twenty steps {glue:text}`warm_postLN_no_warmup`, against {glue:text}`warm_postLN_warmup` with the
+# warm-up and {glue:text}`warm_preLN_no_warmup` for pre-LN): its first steps at
 # the full rate put it in a region it does not leave in this budget. With the warm-up the *same* stack,
-# with the same peak rate and the same schedule after step 50, learns; it starts behind (its rate is
+# with the same peak rate and the same schedule after step {glue:text}`warmup`, learns; it starts behind (its rate is
 # still small) and overtakes. The pre-LN stack needs no warm-up: at the full rate from the first step it
 # learns fastest and ends lowest. That is the practical reason pre-LN took over: deeper stacks and
 # higher learning rates without a warm-up schedule to tune, which Xiong et al. showed on translation and
@@ -594,12 +674,14 @@ plt.show()
 #
 # - A residual connection computes $x + F(x)$: the gradient reaches early layers through the identity
 #   path, each layer only adds a correction, and deep stacks train. Measured: without skips the
-#   gradient at the first layer falls by orders of magnitude from 6 to 48 layers, with skips it stays
-#   within a factor of two; the deep plain stack does not train, the residual one does.
+#   gradient at the first layer falls by orders of magnitude from {glue:text}`N_min` to
+#   {glue:text}`N_max` layers, with skips it stays within a factor of two; the deep plain stack does not
+#   train, the residual one does; and in a trained residual stack each sub-layer adds a correction of
+#   {glue:text}`burden_lo` to {glue:text}`burden_hi` of the size of its input.
 # - `SublayerConnection(d_model, dropout, norm_first, eps)` wraps a sub-layer: post-LN
 #   $\mathrm{LN}(x + \mathrm{Dropout}(F(x)))$ (the paper, `norm_first=False`) or pre-LN
 #   $x + \mathrm{Dropout}(F(\mathrm{LN}(x)))$; `PositionwiseFeedForward` is the paper's two-layer FFN.
 #   Together they reproduce `torch.nn.TransformerEncoderLayer` in either placement.
 # - Post-LN puts a LayerNorm on the skip path; its output moves several times more per optimizer step,
-#   and at a learning rate where a 12-layer pre-LN stack trains from step one, the post-LN stack gets
-#   stuck unless the learning rate is warmed up.
+#   and at a learning rate where a pre-LN stack of {glue:text}`warm_N` layers trains from step one, the
+#   post-LN stack gets stuck unless the learning rate is warmed up.

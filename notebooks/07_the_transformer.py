@@ -38,7 +38,7 @@ seed = 0
 
 # %%
 #| default_exp model
-from annotated_transformer.runtime import setup
+from annotated_transformer.runtime import glue, setup
 
 device = setup(device, profile, seed)
 
@@ -93,8 +93,8 @@ from annotated_transformer.residual import PositionwiseFeedForward, SublayerConn
 #   hidden state dotted with such a row gives logits of variance about 1. Multiplying by
 #   $\sqrt{d_\text{model}}$ on the way *in* brings the same table to unit variance, the same order as
 #   the positional encoding.
-# - `nn.Embedding`'s default $\mathcal N(0, 1)$ times $\sqrt{512}$ gives entries of size 23: the
-#   positions drown.
+# - `nn.Embedding`'s default $\mathcal N(0, 1)$ times $\sqrt{512}$ gives entries of size
+#   $\sqrt{512} \approx 23$: the positions drown.
 # - Xavier-uniform on the whole table (what the Harvard Annotated Transformer {cite}`rush2018annotated`
 #   does to every matrix) depends on the vocabulary size: with $V = 37000$ the scaled entries are
 #   several times *smaller* than the positional signal.
@@ -614,6 +614,12 @@ with torch.device("meta"):
         counts[name] = count_parameters(m)
         assert counts[name] == formula(V, **cfg), (counts[name], formula(V, **cfg))
         del m
+for name, cfg in configs.items():
+    glue(f"{name}_count", counts[name], ",d")
+    glue(f"{name}_ratio", counts[name] / paper[name], ".3f")
+    glue(f"{name}_v_implied", (paper[name] - formula(0, **cfg)) / (cfg["d_model"] + 1), ",.0f")
+glue("untied_base", formula(V, **configs["base"]) + 2 * V * 512, ",d")
+glue("embedding_share", V * 512 / counts["base"], ".0%")
 
 # %% tags=["nbval-check-output"]
 print(f"{'config':6s} {'N':>2s} {'d_model':>7s} {'d_ff':>5s} {'h':>3s} {'counted':>12s} {'paper':>6s} {'ratio':>6s}"
@@ -629,14 +635,16 @@ print(f"share of the base model in its one embedding matrix: {V * 512 / counts['
 print(f"float32 memory the big model would need just to be built: {counts['big'] * 4 / 2**20:,.0f} MiB")
 
 # %% [markdown]
-# The big model lands on the paper's figure to within a percent (the `ratio` column). The base
-# model comes out a few percent under 65M: to hit 65M exactly the formula needs the vocabulary in
-# the last column, not 37000. The paper only says "about 37000" and rounds its counts to the
-# million, so the two figures are not quite consistent with one vocabulary, and the honest summary
-# is: the architecture the paper describes, with the tying it describes, has the size it reports
-# to within a few percent, while untying the embeddings (the `untied` line) would add tens of
-# millions of parameters the paper does not have. The split is worth seeing: in the base model the
-# one shared embedding matrix holds the share printed on the last-but-one line.
+# The big model lands on the paper's figure to within a percent: {glue:text}`big_count` parameters,
+# {glue:text}`big_ratio` of 213M. The base model comes out a few percent under 65M,
+# {glue:text}`base_count` ({glue:text}`base_ratio` of it): to hit 65M exactly the formula needs a
+# vocabulary of {glue:text}`base_v_implied`, not 37000, while the big model's figure implies
+# {glue:text}`big_v_implied`. The paper only says "about 37000" and rounds its counts to the million,
+# so the two figures are not quite consistent with one vocabulary, and the honest summary is: the
+# architecture the paper describes, with the tying it describes, has the size it reports to within a few
+# percent, while untying the embeddings would add tens of millions of parameters the paper does not have
+# ({glue:text}`untied_base` for the base model). The split is worth seeing: in the base model the one
+# shared embedding matrix holds {glue:text}`embedding_share` of the parameters.
 #
 # ## 8. Weight for weight equal to `torch.nn.Transformer`
 #

@@ -33,7 +33,7 @@ seed = 0
 
 # %%
 #| default_exp train
-from annotated_transformer.runtime import setup
+from annotated_transformer.runtime import glue, setup
 
 device = setup(device, profile, seed)
 
@@ -349,14 +349,20 @@ def batch_by_tokens(lengths, max_tokens: int, shuffle: bool = True, seed: int = 
     return batches
 
 # %% [markdown]
-# On 5000 made-up sentence lengths spread like real ones (most between 5 and 25 tokens, a long
-# tail), with a budget of 1000 tokens per batch, compared with batches of random sentences of
-# the same average count:
+# On {glue:text}`bt_n` made-up sentence lengths spread like real ones (a Gamma distribution: from
+# the 10th to the 90th percentile between {glue:text}`bt_p10` and {glue:text}`bt_p90` tokens, a long
+# tail to {glue:text}`bt_max`), with a budget of {glue:text}`bt_budget` tokens per batch, compared with batches
+# of random sentences of the same average count:
 
 # %% tags=["nbval-check-output"]
 g = torch.Generator().manual_seed(seed)
-lengths = (torch.distributions.Gamma(4.0, 0.3).sample((5000,)) + 1).round().clamp(max=120).int().tolist()
-bucketed = batch_by_tokens(lengths, max_tokens=1000, seed=seed)
+n_lengths, budget = 5000, 1000
+lengths = (torch.distributions.Gamma(4.0, 0.3).sample((n_lengths,)) + 1).round().clamp(max=120).int().tolist()
+bucketed = batch_by_tokens(lengths, max_tokens=budget, seed=seed)
+ranked = sorted(lengths)
+for name, value in (("bt_n", n_lengths), ("bt_budget", budget), ("bt_p10", ranked[len(ranked) // 10]),
+                    ("bt_p90", ranked[9 * len(ranked) // 10]), ("bt_max", ranked[-1])):
+    glue(name, value)
 per_batch = round(len(lengths) / len(bucketed))
 perm = torch.randperm(len(lengths), generator=g).tolist()
 random_batches = [perm[i:i + per_batch] for i in range(0, len(perm), per_batch)]
@@ -368,7 +374,7 @@ def padding_share(batches):
 
 
 print(f"{len(bucketed)} bucketed batches, {min(map(len, bucketed))}..{max(map(len, bucketed))} sentences each; "
-      f"largest padded size {max(max(lengths[i] for i in b) * len(b) for b in bucketed)} <= 1000")
+      f"largest padded size {max(max(lengths[i] for i in b) * len(b) for b in bucketed)} <= {budget}")
 print(f"padding: bucketed {padding_share(bucketed):.1%}  vs  random batches of {per_batch}: {padding_share(random_batches):.1%}")
 print("every example exactly once:", sorted(i for b in bucketed for i in b) == list(range(len(lengths))))
 
@@ -783,20 +789,25 @@ for task in ("copy", "reverse"):
     print(task, "src", src_.tolist(), "tgt", tgt_.tolist())
 
 # %% [markdown]
-# The model: the paper's architecture at toy size (post-LN, ReLU), a vocabulary of 10 symbols plus
-# the three specials, 64 sequences a step. The quick profile (what this page shows, sized to run in
-# well under a minute on one core) uses one layer of each kind, $d_\text{model} = 64$, and sequences
-# of 1 to 6 symbols; the full profile two layers and sequences of up to 10. The paper's
+# The model: the paper's architecture at toy size (post-LN, ReLU), a vocabulary of
+# {glue:text}`copy_symbols` symbols plus the three specials, {glue:text}`copy_batch` sequences a step.
+# The quick profile (what this page shows) uses one layer of each kind, $d_\text{model} = 64$, and
+# sequences of 1 to {glue:text}`copy_quick_len` symbols; the full profile two layers and sequences of
+# up to {glue:text}`copy_full_len`. The paper's
 # $\epsilon_{ls} = 0.1$ is kept; the Noam warm-up is shortened to match the short run. Dropout is
 # off: every step draws fresh random sequences, so the model never sees a training example twice and
 # there is nothing to overfit (dropout would only slow it down). Every `eval_every` steps the model
-# is evaluated on 500 held-out sequences, and training stops at the first evaluation with 100%
-# exact match.
+# is evaluated on {glue:text}`copy_heldout` held-out sequences, and training stops at the first
+# evaluation where every one of them is right (exact match 1).
 
 # %%
-TASK = dict(vocab=13, min_len=1, max_len={"quick": 6, "full": 10}[profile])
+max_lens = {"quick": 6, "full": 10}
+TASK = dict(vocab=13, min_len=1, max_len=max_lens[profile])
 MODEL = dict(N={"quick": 1, "full": 2}[profile], d_model=64, d_ff=128, h=4, dropout=0.0)
-batch_size, eval_every = 64, 25
+batch_size, eval_every, n_heldout = 64, 25, 500
+for name, value in (("copy_symbols", TASK["vocab"] - 3), ("copy_batch", batch_size), ("copy_heldout", n_heldout),
+                    ("copy_quick_len", max_lens["quick"]), ("copy_full_len", max_lens["full"])):
+    glue(name, value)
 max_steps = {"quick": 1500, "full": 4000}[profile]
 cfg = TrainConfig(steps=max_steps, warmup=100, factor=1.0, smoothing=0.1, clip=1.0, seed=seed, log_every=25)
 
@@ -804,7 +815,7 @@ cfg = TrainConfig(steps=max_steps, warmup=100, factor=1.0, smoothing=0.1, clip=1
 def train_until_exact(task, norm_first=False, cfg=cfg, progress=True):
     torch.manual_seed(seed)
     model = make_model(TASK["vocab"], TASK["vocab"], **MODEL, norm_first=norm_first)
-    heldout = heldout_batch(task, n=500, seed=seed, **TASK).to(device)
+    heldout = heldout_batch(task, n=n_heldout, seed=seed, **TASK).to(device)
     evals = []
 
     def on_step(step, record):
@@ -821,12 +832,18 @@ def train_until_exact(task, norm_first=False, cfg=cfg, progress=True):
 
 copy_model, copy_hist, copy_evals, copy_seconds = train_until_exact("copy")
 copy_steps = copy_evals[-1][0] if copy_evals and copy_evals[-1][1] == 1.0 else None
-print(f"copy task ({profile} profile): 100% exact match on 500 held-out sequences after {copy_steps} steps, "
+print(f"copy task ({profile} profile): 100% exact match on {n_heldout} held-out sequences after {copy_steps} steps, "
       f"{copy_seconds:.1f} s wall on {torch.get_num_threads()} thread(s); final training loss {copy_hist[-1]['loss']:.3f}")
+glue("copy_steps", copy_steps)
+glue("copy_seconds", copy_seconds, ".0f")
+glue("copy_threads", torch.get_num_threads())
+glue("copy_cores", os.cpu_count())
 
 # %% [markdown]
-# The cell above prints the number of steps and the wall time (this machine: 2 CPU cores shared with
-# other work, one thread; the wall time varies from run to run, the step count does not). The
+# The copy task is learned in {glue:text}`copy_steps` steps, {glue:text}`copy_seconds` s of wall time on
+# {glue:text}`copy_threads` thread(s) of a {glue:text}`copy_cores`-core machine shared with other
+# work (the wall time varies from run to run; the step count does not: the data, the initialisation
+# and dropout are all functions of the seed). The
 # curves: the training loss per token, the learning rate, and the held-out exact match. In the KL
 # form the loss heads to 0 only as the model's distribution approaches the *smoothed* target, i.e.
 # as it learns to put $\epsilon$ of its probability on wrong tokens; the cross-entropy of the same
@@ -865,20 +882,23 @@ plot_run(rev_hist, rev_evals, "reversal task")
 # %% [markdown]
 # ## 8. Resuming gives the same losses as not stopping
 #
-# A claim a checkpoint format has to earn. Train 40 steps straight; train 20 steps, write a
-# checkpoint, build a *fresh* model (different random initialisation), resume to 40. Because the
-# data and the dropout of step $s$ are functions of $s$, and the checkpoint carries Adam's moments
-# and the scheduler's position, the losses of steps 21–40 must be *identical*, not merely close:
+# A claim a checkpoint format has to earn. Train {glue:text}`resume_steps` steps straight; train
+# {glue:text}`resume_half` steps, write a checkpoint, build a *fresh* model (different random
+# initialisation), resume to {glue:text}`resume_steps`. Because the data and the dropout of step $s$
+# are functions of $s$, and the checkpoint carries Adam's moments and the scheduler's position, the
+# losses of every step after the checkpoint must be *identical*, not merely close:
 
 # %% tags=["nbval-check-output"]
 small = TrainConfig(steps=40, warmup=200, seed=seed, log_every=10)
+glue("resume_steps", small.steps)
+glue("resume_half", small.steps // 2)
 DROPOUT_MODEL = {**MODEL, "dropout": 0.1}  # with dropout on: its masks must repeat too
 data = synthetic_batches("copy", batch_size=16, seed=seed, **TASK)
 with tempfile.TemporaryDirectory() as tmp:
     torch.manual_seed(seed)
     straight = fit(make_model(13, 13, **DROPOUT_MODEL), data, small, progress=False)
     torch.manual_seed(seed)
-    first = fit(make_model(13, 13, **DROPOUT_MODEL), data, TrainConfig(**{**small.__dict__, "steps": 20}),
+    first = fit(make_model(13, 13, **DROPOUT_MODEL), data, TrainConfig(**{**small.__dict__, "steps": small.steps // 2}),
                 ckpt_path=f"{tmp}/run.pt", progress=False)
     torch.manual_seed(seed + 1)  # a different initialisation: the checkpoint must overwrite all of it
     resumed = fit(make_model(13, 13, **DROPOUT_MODEL), data, small, ckpt_path=f"{tmp}/run.pt", resume=True, progress=False)

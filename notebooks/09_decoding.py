@@ -39,7 +39,7 @@ seed = 0
 
 # %%
 #| default_exp decode
-from annotated_transformer.runtime import setup
+from annotated_transformer.runtime import glue, setup
 
 device = setup(device, profile, seed)
 
@@ -63,18 +63,23 @@ print("device:", device, "| profile:", profile)
 # symbols and `</s>`, the target is `<s>`, the sequence backwards, `</s>`. Ids follow the book's
 # convention, `<pad>` = 0, `<s>` = 1, `</s>` = 2. The model and recipe are the training chapter's
 # quick ones (one layer of each kind, $d_\text{model} = 64$, four heads, label smoothing 0.1, the
-# Noam schedule, sequences of 1 to 6 symbols; the full profile: two layers, up to 10 symbols). A snapshot is kept halfway, the first time held-out exact match
-# passes 50%: a model that still makes mistakes is where decoding strategies differ.
+# Noam schedule, sequences of {glue:text}`min_len` to {glue:text}`max_len_quick` symbols; the full
+# profile: two layers, up to {glue:text}`max_len_full` symbols). Training stops when every held-out
+# sequence comes out right, or at the step budget: in this run after {glue:text}`train_steps` steps, at
+# a held-out exact match of {glue:text}`final_acc`. A snapshot is kept on the way, the first time held-out exact match reaches {glue:text}`snapshot_threshold`: a model that still
+# makes mistakes is where decoding strategies differ.
 
 # %%
 PAD, BOS, EOS = 0, 1, 2
-TASK = dict(vocab=13, min_len=1, max_len={"quick": 6, "full": 10}[profile])
+MAX_LEN = {"quick": 6, "full": 10}
+TASK = dict(vocab=13, min_len=1, max_len=MAX_LEN[profile])
+SNAPSHOT_AT, N_HELDOUT = 0.5, 500
 MODEL = dict(N={"quick": 1, "full": 2}[profile], d_model=64, d_ff=128, h=4, dropout=0.0)
 cfg = TrainConfig(steps={"quick": 1500, "full": 4000}[profile], warmup=100, factor=1.0, smoothing=0.1,
                   seed=seed, log_every=25)
 torch.manual_seed(seed)
 model = make_model(TASK["vocab"], TASK["vocab"], **MODEL)
-heldout = heldout_batch("reverse", n=500, seed=seed, **TASK).to(device)
+heldout = heldout_batch("reverse", n=N_HELDOUT, seed=seed, **TASK).to(device)
 evals, snapshot = [], {}
 
 
@@ -82,7 +87,7 @@ def on_step(step, record):
     if step % 25:
         return False
     evals.append((step, exact_match(model, heldout)))
-    if evals[-1][1] >= 0.5 and not snapshot:
+    if evals[-1][1] >= SNAPSHOT_AT and not snapshot:
         snapshot.update(step=step, acc=evals[-1][1], state=copy.deepcopy(model.state_dict()))
     return evals[-1][1] == 1.0
 
@@ -94,8 +99,17 @@ train_seconds = time.perf_counter() - t0
 half = make_model(TASK["vocab"], TASK["vocab"], **MODEL).to(device)
 half.load_state_dict(snapshot["state"])
 half.eval()
-print(f"reversal: {evals[-1][1]:.1%} teacher-forced exact match on 500 held-out sequences after {evals[-1][0]} steps, "
-      f"{train_seconds:.1f} s; the snapshot: {snapshot['acc']:.1%} after {snapshot['step']} steps")
+print(f"reversal: {evals[-1][1]:.1%} teacher-forced exact match on {N_HELDOUT} held-out sequences after "
+      f"{evals[-1][0]} steps, {train_seconds:.1f} s; the snapshot: {snapshot['acc']:.1%} after {snapshot['step']} steps")
+glue("min_len", TASK["min_len"])
+glue("max_len_quick", MAX_LEN["quick"])
+glue("max_len_full", MAX_LEN["full"])
+glue("train_steps", evals[-1][0])
+glue("final_acc", evals[-1][1], ".1%")
+glue("snapshot_threshold", SNAPSHOT_AT, ".0%")
+glue("snapshot_step", snapshot["step"])
+glue("snapshot_acc", snapshot["acc"], ".1%")
+glue("n_heldout", N_HELDOUT)
 
 # %% [markdown]
 # ## 2. One token at a time, and what it costs
@@ -123,9 +137,10 @@ print(f"reversal: {evals[-1][1]:.1%} teacher-forced exact match on 500 held-out 
 # - the feed-forward network, the norms and the residuals act on each position alone: only the
 #   new position needs them.
 #
-# So a step processes one position, not $t$, and the only thing that grows is the cache:
-# per layer $2 \times t \times d_\text{model}$ numbers for self-attention, plus the fixed
-# $2 \times S \times d_\text{model}$ for cross-attention. The cache lives in this module: a
+# So a step runs the projections and the feed-forward network on one position, not $t$. What still grows
+# is the cache, per layer $2 \times t \times d_\text{model}$ numbers for self-attention plus the fixed
+# $2 \times S \times d_\text{model}$ for cross-attention, and the new query's attention over it, which
+# reads all $t$ cached keys (section 5 counts both). The cache lives in this module: a
 # `KVCache` holds the tensors, and `decode_step` runs the model's own layers (their `self_attn`,
 # `src_attn`, `feed_forward` and `sublayer` wrappers, with the same weights) on the newest position,
 # using `MultiHeadAttention.attend`, the entry point of the [multi-head
@@ -460,18 +475,22 @@ print("cached greedy == uncached greedy, token for token:",
 # ## 5. What the cache saves
 #
 # Timing greedy decoding with and without the cache, on a model large enough for the arithmetic to
-# matter (random weights: two layers, $d_\text{model} = 256$, a vocabulary of 1000; a batch of 8
-# sources of 20 tokens). So that every run decodes the full length, `</s>` is made impossible for
+# matter (random weights: two layers, $d_\text{model} = 256$, a vocabulary of {glue:text}`bench_vocab`;
+# a batch of {glue:text}`bench_batch` sources of {glue:text}`bench_src_len` tokens). So that every run decodes the full length, `</s>` is made impossible for
 # this model by a large negative bias. Without the cache, the work per step grows with the prefix,
 # so the total grows roughly with the square of the output length; with it, every step costs about
-# the same.
+# the same, as long as attention over the cache is small next to the rest of the step (counted below).
 
 # %%
 torch.manual_seed(seed)
-bench_model = make_model(1000, 1000, N=2, d_model=256, d_ff=1024, h=4, dropout=0.0).to(device).eval()
+BENCH = dict(vocab=1000, N=2, d_model=256, d_ff=1024, h=4, batch=8, src_len=20)
+bench_model = make_model(BENCH["vocab"], BENCH["vocab"], N=BENCH["N"], d_model=BENCH["d_model"], d_ff=BENCH["d_ff"],
+                         h=BENCH["h"], dropout=0.0).to(device).eval()
 with torch.no_grad():
     bench_model.generator.proj.bias[EOS] = -1e4
-bench_src = torch.randint(3, 1000, (8, 20), device=device)
+bench_src = torch.randint(3, BENCH["vocab"], (BENCH["batch"], BENCH["src_len"]), device=device)
+for key in ("vocab", "batch", "src_len"):
+    glue(f"bench_{key}", BENCH[key])
 lengths = {"quick": [16, 32, 64], "full": [16, 32, 64, 128, 256]}[profile]
 
 
@@ -495,7 +514,7 @@ for L in tqdm(lengths, desc="output length"):
 fig, ax = plt.subplots(figsize=(6, 3.2))
 ax.plot(lengths, timings[True], marker="o", label="with KV cache")
 ax.plot(lengths, timings[False], marker="o", label="recompute the prefix")
-ax.set_xlabel("tokens generated"); ax.set_ylabel("seconds (batch of 8)"); ax.legend()
+ax.set_xlabel("tokens generated"); ax.set_ylabel(f"seconds (batch of {BENCH['batch']})"); ax.legend()
 ax.set_title("greedy decoding time")
 plt.tight_layout(); plt.show()
 for L, a, b in zip(lengths, timings[True], timings[False]):
@@ -504,9 +523,63 @@ for L, a, b in zip(lengths, timings[True], timings[False]):
 # %% [markdown]
 # The uncached time grows faster than linearly with the output length and the cached time roughly
 # linearly, so the speed-up grows with the length (up to timing noise: these are wall times on a
-# shared machine), as the count $L(L+1)/2$ vs $L$ predicts, though far less than that ratio: the encoder, the generator and Python's per-step overhead are paid either way, and
-# the cached step's attention still reads all $t$ cached keys. On short outputs the saving is modest;
-# on the paper's "input length + 50" it is the difference between a linear and a quadratic cost.
+# shared machine). What does the cache save, exactly? Count the multiply-adds of one decoder layer for
+# an output of $L$ tokens, with $d = d_\text{model}$ and a source of $S$ tokens. Every position goes
+# through the projections and the feed-forward network, $c = 4d^2$ (self-attention's $W_q, W_k, W_v, W_o$)
+# $+\, 2d^2$ (cross-attention's $W_q, W_o$) $+\, 2d\,d_{ff}$ (the FFN) multiply-adds; a query attending to
+# $t$ keys costs $2td$ (scores and weighted sum), to the source $2Sd$; projecting the source's keys and
+# values costs $2Sd^2$. Without the cache, step $t$ redoes all $t$ positions and the source's keys and
+# values:
+#
+# $$U(L) = \sum_{t=1}^{L} \big(t\,c + 2t^2 d + 2tSd + 2Sd^2\big)
+#        = c\,\frac{L(L+1)}{2} + 2d\,\frac{L(L+1)(2L+1)}{6} + Sd\,L(L+1) + 2Sd^2 L .$$
+#
+# With the cache, step $t$ runs one position, whose query still reads all $t$ cached keys, and the
+# source's keys and values are projected once:
+#
+# $$C(L) = \sum_{t=1}^{L} \big(c + 2td + 2Sd\big) + 2Sd^2 = c\,L + d\,L(L+1) + 2Sd\,L + 2Sd^2 .$$
+#
+# So the cache saves recomputing the keys, values and queries, the output projections and the
+# feed-forward network of the earlier positions (the $c\,L^2/2$ term becomes $c\,L$), their attention rows
+# (the $L^3$ term goes), and the source's keys and values at every step. It does not make decoding
+# linear: attention over the cache, $d\,L(L+1)$, is still quadratic in $L$. It stays below the linear
+# term while $L < c/d = 6d + 2d_{ff}$, which is $14d$ when $d_{ff} = 4d$: {glue:text}`cache_crossover`
+# tokens for the model timed above, $14 \times 512 = 7168$ for the paper's base model. For outputs
+# shorter than that, cached decoding costs about $c\,L$ per layer; for longer ones, attention over the
+# cache takes over, and so does the cache's memory. The cell below evaluates $U$ and $C$ for the timed
+# model (with its encoder, run once either way, and the generator, which both run on the newest position
+# only) and sets the counted ratio beside the measured speed-up.
+
+# %%
+def decode_macs(L: int, cached: bool, N: int, d_model: int, d_ff: int, src_len: int, vocab: int, batch: int,
+                **_) -> int:
+    """Multiply-adds of greedy decoding of L tokens: encoder once, N decoder layers (U or C above), generator."""
+    d, S, V = d_model, src_len, vocab
+    c = 6 * d * d + 2 * d * d_ff
+    if cached:
+        layer = c * L + d * L * (L + 1) + 2 * S * d * L + 2 * S * d * d
+    else:
+        layer = c * L * (L + 1) // 2 + d * L * (L + 1) * (2 * L + 1) // 3 + S * d * L * (L + 1) + 2 * S * d * d * L
+    encoder = N * S * (4 * d * d + 2 * d * d_ff + 2 * S * d)
+    return batch * (encoder + N * layer + L * d * V)
+
+
+counted = [decode_macs(L, False, **BENCH) / decode_macs(L, True, **BENCH) for L in lengths]
+measured = [b / a for a, b in zip(timings[True], timings[False])]
+for L, ratio, speedup in zip(lengths, counted, measured):
+    print(f"{L:4d} tokens: counted multiply-adds, uncached / cached x{ratio:5.1f} | measured time x{speedup:5.1f}")
+glue("cache_crossover", 6 * BENCH["d_model"] + 2 * BENCH["d_ff"])
+glue("cache_L", lengths[-1])
+glue("cache_counted", counted[-1], ".1f")
+glue("cache_measured", measured[-1], ".1f")
+
+# %% [markdown]
+# At {glue:text}`cache_L` tokens the count says the uncached decoder does {glue:text}`cache_counted`
+# times the cached one's arithmetic; the clock measured {glue:text}`cache_measured` times its time. The
+# gap is what the count leaves out: Python's work per step, the launch of every small operation, and the
+# cached step's own bookkeeping, paid whether or not the arithmetic is saved, weigh more on a model this
+# small than on a large one. On the paper's "input length + 50" the saving is the $c\,L^2/2$ against
+# $c\,L$ above: large, though decoding with a cache stays quadratic in attention.
 #
 # ## 6. Beam search
 #
@@ -625,7 +698,7 @@ for name, m in (("trained", model), ("half-trained", half), ("random pre-LN", pr
 
 # %% [markdown]
 # What beam search buys on this task. The fully trained model is right either way; the half-trained
-# snapshot is where the strategies differ. Exact match on the 500 held-out sequences, with the mean
+# snapshot is where the strategies differ. Exact match on the {glue:text}`n_heldout` held-out sequences, with the mean
 # output length (tokens after `<s>`, `</s>` included; the targets' mean is on the first line):
 
 # %%

@@ -222,8 +222,8 @@ def render_exports() -> dict[Path, str]:
             files[PKG / f"{module}.py"] = text
             init_lines.append((module, names))
     problems = flow_problems(order)
-    if problems:  # TEMPORARY: a warning until chapters 1 and 10 are mended; then SystemExit
-        print("the book's flow runs backwards:\n  " + "\n  ".join(problems), file=sys.stderr)
+    if problems:
+        raise SystemExit("the book's flow runs backwards:\n  " + "\n  ".join(problems))
     modules = {module for module, _ in init_lines} | {"runtime"}
     exports: dict[str, str] = {}
     shadowed = []

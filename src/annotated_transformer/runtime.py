@@ -11,7 +11,7 @@ import random
 import numpy as np
 import torch
 
-__all__ = ["PROFILES", "resolve_device", "seed_everything", "setup", "data_dir", "repo_root"]
+__all__ = ["PROFILES", "resolve_device", "seed_everything", "setup", "data_dir", "repo_root", "glue"]
 
 PROFILES = ("quick", "full")
 
@@ -69,3 +69,25 @@ def data_dir() -> "os.PathLike[str]":
 
     env = os.environ.get("ANNOTATED_TRANSFORMER_DATA")
     return Path(env) if env else Path.home() / ".cache" / "annotated_transformer"
+
+
+def glue(name: str, value, fmt: str | None = None):
+    """Hand a number the prose quotes to the book: `{glue:text}`name`` in a markdown cell shows it.
+
+    With `fmt` (a format spec such as ".2f", ",d" or ".0%") the value is formatted here, once, and the
+    prose shows exactly that text. Under Jupyter Book (myst-nb importable, inside an IPython kernel) the
+    value is stored in the cell's outputs without being displayed; anywhere else (Colab, a plain Python
+    process) nothing happens. Returns None, so a glue() on a cell's last line shows nothing either.
+    """
+    if not isinstance(name, str) or not name or not all(c.isalnum() or c in "_-" for c in name):
+        raise ValueError(f"glue needs a name of letters, digits, '_' or '-', got {name!r}")
+    text = value if fmt is None else format(value, fmt)
+    try:
+        from IPython import get_ipython
+        from myst_nb import glue as _myst_glue
+    except ImportError:
+        return None
+    if get_ipython() is None:  # a plain Python process: IPython's display would print the raw bundle
+        return None
+    _myst_glue(name, text, display=False)
+    return None
