@@ -365,10 +365,13 @@ for norm_first in (False, True):
 # Post-LN keeps the stream at unit scale after every layer; pre-LN's grows layer by layer, so
 # without a final norm the decoder's output (and the logits) would change scale with $N$.
 #
-# **Which one this book uses, and why.** The experiments in the training and decoding chapters use
-# post-LN, the paper's choice, because the book reproduces the paper and post-LN with the Noam
-# warm-up trains the small models there without trouble. Pre-LN is supported everywhere (it is one
-# flag) and is what to reach for when stacks get deep or warm-up is short {cite}`xiong2020layer`.
+# **Which one each chapter uses, and why.** The toy experiments of the training and decoding
+# chapters use post-LN, the paper's choice: they reproduce the paper, and with the Noam warm-up
+# post-LN trains those one- and two-layer models without trouble. The real translation models of the
+# [translation chapter](10_translation.ipynb) are **pre-LN**: their runs are short, and post-LN needs
+# a long warm-up before its large early gradients settle {cite}`xiong2020layer`. That chapter trains a
+# post-LN model at the same budget beside its pre-LN one and reports both, so the choice is measured
+# there, not assumed. Every model in the book records which one it is (`model.config["norm_first"]`).
 #
 # ## 5. The generator, and weight tying
 #
