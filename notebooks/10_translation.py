@@ -44,7 +44,7 @@ compare_post_ln = False  # full profile: also train a post-LN model at the same 
 
 # %%
 #| default_exp data
-from annotated_transformer.runtime import setup
+from annotated_transformer.runtime import glue, setup
 device = setup(device, profile, seed)
 
 # %% [markdown]
@@ -54,8 +54,8 @@ device = setup(device, profile, seed)
 # for task 1, one English description of each image was translated into German by professional
 # translators. The sentences are short, concrete and literal ("Two young, White males are outside
 # near many bushes."), which makes it the standard small benchmark for German↔English translation:
-# 29,000 training pairs, 1,014 for validation and 1,000 for the 2016 Flickr test set, which is the
-# one papers report on.
+# {glue:text}`m30k_train` training pairs, {glue:text}`m30k_val` for validation and
+# {glue:text}`m30k_test` for the 2016 Flickr test set, which is the one papers report on.
 #
 # We use the **raw** files (cased, untokenized, as the translators wrote them), not the lowercased,
 # pre-tokenized copies many tutorials download. Any tokenization is then *ours*, trained below, and
@@ -318,11 +318,14 @@ def load_multi30k(split: str, root=None, *, verify: bool = True, download: bool 
 
 # %% [markdown]
 # All three splits, where they came from, and what they look like. The counts must be the published
-# 29,000 / 1,014 / 1,000: the checksums guarantee it, the cell shows it.
+# ones above: the checksums guarantee it, the cell shows it.
 
 # %% tags=["nbval-check-output"]
 splits = {name: load_multi30k(name) for name in ("train", "val", "test")}
 train, val, test = splits["train"], splits["val"], splits["test"]
+for name, stem in (("train", "train"), ("val", "val"), ("test", "test_2016_flickr")):
+    glue(f"m30k_{name}", MULTI30K_FILES[f"{stem}.en.gz"][1], ",d")   # the published line counts
+glue("en_words_millions", sum(len(en.split()) for _, en in train) / 1e6, ".2f")
 for name, pairs in splits.items():
     for lang, side in (("de", [de for de, _ in pairs]), ("en", [en for _, en in pairs])):
         words = [w for sentence in side for w in sentence.split()]
@@ -345,7 +348,8 @@ print("loaded from:", os.path.relpath(locate_multi30k("train"), repo_root()))
 #
 # What does a broken copy look like? The cell below copies the validation files into a temporary
 # folder, cuts the English file off half-way through its bytes (an interrupted download), and asks
-# for that folder. Then it writes a well-formed English file that has lost its last 14 lines and
+# for that folder. Then it writes a well-formed English file that has lost its last
+# {glue:text}`n_cut` lines and
 # loads it without the checksum (`verify=False`, the setting for your own data in this layout): the
 # line-count check still refuses it. Both errors end by saying what to do, since a folder given as
 # `root=` is never repaired by a download (`<tmp>` and `<cache>` stand for this machine's temporary
@@ -367,7 +371,9 @@ with tempfile.TemporaryDirectory() as tmp:
     except Multi30kError as err:
         print(str(err).replace(tmp, "<tmp>").replace(str(data_dir()), "<cache>"))
     print()
-    short = "".join(en + "\n" for _, en in val[:-14]).encode("utf-8")
+    n_cut = 14
+    glue("n_cut", n_cut)
+    short = "".join(en + "\n" for _, en in val[:-n_cut]).encode("utf-8")
     (Path(tmp) / "val.en.gz").write_bytes(_gzip.compress(short, mtime=0))
     try:
         load_multi30k("val", root=tmp, verify=False, download=False)
@@ -399,7 +405,7 @@ with tempfile.TemporaryDirectory() as tmp:
 # one per language), and the **size**. For each option the cell below reports, on the validation
 # set: tokens per sentence (shorter sequences mean less attention compute and fewer decoding
 # steps), the `<unk>` rate, the share of sentences that decode back to exactly the input, and the
-# share of vocabulary entries that occur fewer than 10 times in the whole tokenized training set
+# share of vocabulary entries that occur fewer than {glue:text}`rare_below` times in the whole tokenized training set
 # (rows whose embeddings barely get trained). Tokenizers are trained on the training split only.
 #
 # Every tokenizer has the same four special tokens at the same ids: `<pad>` = 0, `<s>` = 1,
@@ -523,7 +529,7 @@ def tokenizer_stats(tokenizer: "Tokenizer", texts: Sequence[str]) -> dict:
     }
 
 # %% [markdown]
-# The comparison, with every tokenizer trained on all 29,000 pairs (the same grid in both profiles:
+# The comparison, with every tokenizer trained on all {glue:text}`m30k_train` pairs (the same grid in both profiles:
 # training tokenizers needs no accelerator). "joint" trains
 # one tokenizer on German and English together; "separate" trains one per language with the given
 # size each, so *separate* at size $V$ has as many embedding rows in total as *joint* at $2V$.
@@ -538,6 +544,8 @@ grid = [("word", "joint", 8000), ("word", "separate", 8000),
         ("bpe", "joint", 2000), ("bpe", "joint", 8000), ("bpe", "joint", 16000),
         ("bpe", "separate", 4000), ("bpe", "separate", 8000),
         ("unigram", "joint", 8000)]
+for size in sorted({v for _, _, v in grid}):
+    glue(f"v{size // 1000}k", size, ",d")   # the sizes the prose compares
 
 
 def piece_counts(texts):
@@ -550,7 +558,11 @@ def piece_counts(texts):
     return collections.Counter(p for t in texts for p, _ in metaspace.pre_tokenize_str(nfc.normalize_str(t)))
 
 
-def rare_entries(tok, pieces, below=10):
+RARE_BELOW = 10  # an entry seen fewer times than this in the training set barely gets trained
+glue("rare_below", RARE_BELOW)
+
+
+def rare_entries(tok, pieces, below=RARE_BELOW):
     """(entries used fewer than `below` times, all non-special entries) on text with these piece counts."""
     counts = collections.Counter()
     for piece, n in pieces.items():
@@ -603,11 +615,12 @@ for r in rows:
 #   entries, trains faster, and (below) is deterministic: the same data gives byte-identical
 #   `tokenizer.json` files, while unigram training in `tokenizers` is not, so a unigram run cannot
 #   be reproduced exactly.
-# * **Joint vs separate.** Compare rows with the same number of *embedding rows*: joint at 16,000
-#   against separate at 8,000 per language (or joint 8,000 against separate 4,000 + 4,000). The
+# * **Joint vs separate.** Compare rows with the same number of *embedding rows*: joint at
+#   {glue:text}`v16k` against separate at {glue:text}`v8k` per language (or joint {glue:text}`v8k`
+#   against separate {glue:text}`v4k` + {glue:text}`v4k`). The
 #   sequences are about as long, the German ones a little shorter with the joint vocabulary. A joint
 #   vocabulary has one advantage separate ones cannot have: the source embedding, the target
-#   embedding and the output projection can be one matrix, as in the paper (§3.4,
+#   embedding and the output projection can be one matrix, as in the paper (section 3.4,
 #   {cite}`vaswani2017attention`, following {cite}`press2017using`), and names, numbers,
 #   punctuation and cognates, spelled the same in both languages, get one shared entry the model
 #   can copy. The cell after the plot counts how many entries both languages use.
@@ -615,9 +628,9 @@ for r in rows:
 #   trained, rare entries grows. For a corpus this small, vocabularies far smaller than the
 #   tens of thousands used for WMT tend to work better {cite}`sennrich2019revisiting`.
 #
-# **Choice: one joint BPE vocabulary of 8,000 entries** (`vocab_size` below). It sits at the knee
-# of the curve: from 2,000 to 8,000 entries sentences get much shorter; from 8,000 to 16,000 only a
-# little, while rare entries multiply.
+# **Choice: one joint BPE vocabulary of {glue:text}`v8k` entries** (`vocab_size` below). It sits at
+# the knee of the curve: from {glue:text}`v2k` to {glue:text}`v8k` entries sentences get much
+# shorter; from {glue:text}`v8k` to {glue:text}`v16k` only a little, while rare entries multiply.
 
 # %%
 import matplotlib.pyplot as plt
@@ -663,12 +676,14 @@ print(f"joint 8000, BPE vs unigram: tok/sent {mean(b):.2f} vs {mean(u):.2f}, rar
       f"{u['rare %']:.1f}%, seconds to train and count {b['train s']:.1f} vs {u['train s']:.1f}")
 
 # %% [markdown]
-# Reproducibility: train each kind twice on the same 2,000 sentence pairs and compare the saved
+# Reproducibility: train each kind twice on the same {glue:text}`n_repro` sentence pairs and compare the saved
 # JSON byte for byte. (The unigram comparison is not a checked output: it may come out equal by
 # chance.)
 
 # %% tags=["nbval-check-output"]
-subset = train_de[:2000] + train_en[:2000]
+n_repro = 2000
+glue("n_repro", n_repro, ",d")
+subset = train_de[:n_repro] + train_en[:n_repro]
 same_bpe = train_tokenizer(subset, 1000, "bpe").to_str() == train_tokenizer(subset, 1000, "bpe").to_str()
 print("BPE: two trainings identical?", same_bpe)
 
@@ -1240,23 +1255,24 @@ if __name__ == "__main__" and "__file__" in globals():  # `python -m annotated_t
 # ### Two configurations
 #
 # The **full** profile is the published run: four layers of each kind, $d_\text{model} = 256$,
-# four heads, dropout 0.3, trained on all 29,000 pairs. Every model in this chapter is **pre-LN**
+# four heads, dropout {glue:text}`gpu_dropout`, trained on all {glue:text}`m30k_train` pairs. Every model in this chapter is **pre-LN**
 # (`norm_first=True`: each sublayer normalises its input, and a final LayerNorm closes each stack),
 # not the paper's post-LN: with post-LN the gradients near the output are large at the start of
 # training, so it needs a long learning-rate warm-up to train at all {cite}`xiong2020layer`, and these
 # runs are short. The end of the chapter trains a post-LN model at the same budget to measure what
 # that choice is worth here. That is a small Transformer by the paper's
-# standards (its base model has six layers of width 512), and deliberately so: Multi30k has 29,000
-# sentence pairs (about 0.45 million English tokens, counted above), against the 4.5 million pairs of
-# the paper's WMT 2014 English–German, and on data
+# standards (its base model has six layers of width 512), and deliberately so: Multi30k has
+# {glue:text}`m30k_train` sentence pairs (about {glue:text}`en_words_millions` million English
+# words), against the paper's WMT 2014 English–German of "about 4.5 million sentence pairs", and on data
 # this small a narrow model with strong dropout generalizes better than a wide one
-# {cite}`wu2021good`. Its run is limited by a time budget as well as a step count: by default 12
-# minutes of training on a GPU, so that the whole chapter runs within a quarter of an hour on one
-# data-centre GPU. On a CPU the whole chapter has to fit in two hours, which leaves 100 minutes
-# of training; there the GPU configuration would manage only a few hundred steps, most of them still
+# {cite}`wu2021good`. Its run is limited by a time budget as well as a step count: by default
+# {glue:text}`full-cuda_minutes` minutes of training on a GPU, so that the whole chapter runs within a
+# quarter of an hour on one data-centre GPU. On a CPU the whole chapter has to fit in two hours, which
+# leaves {glue:text}`full-cpu_minutes` minutes of training; there the GPU configuration would manage only a few hundred steps, most of them still
 # in the learning-rate warm-up, so the CPU's
 # full profile trains a smaller model for more, smaller steps: three layers of each kind, dropout
-# 0.1 (a few epochs do not over-fit), batches of 3,000 tokens and a shorter warm-up. Compute is what
+# {glue:text}`cpu_dropout` (a few epochs do not over-fit), batches of {glue:text}`cpu_tokens` tokens
+# and a shorter warm-up. Compute is what
 # limits it, and the two records below show by how much. The parameter `budget_minutes` sets another
 # budget; each run's record says which machine, which budget and how many steps it had. After every
 # `eval_every` steps the model translates the validation set greedily. Two
@@ -1264,10 +1280,11 @@ if __name__ == "__main__" and "__file__" in globals():  # `python -m annotated_t
 # the average of the last five evaluated weights up to that point (`average_states`, the paper's
 # checkpoint averaging). The better one is tested and saved; the test set plays no part in the choice.
 #
-# The **quick** profile checks the whole pipeline on one CPU core in a couple of minutes of
-# training: a tiny model (two layers of width 128) on the training pairs whose sides both have at most
-# 16 tokens (a little over half of them, counted below), a few hundred steps of small batches, scored
-# on the first 300 sentences of the test set. It has to beat the baselines
+# The **quick** profile checks the whole pipeline on one CPU core in a few minutes (the run this page
+# shows trained for {glue:text}`train_s` s): a tiny model (two layers of width {glue:text}`quick_width`) on the
+# training pairs whose sides both have at most {glue:text}`quick_max_len` tokens (a little over half of
+# them, counted below), a few hundred steps of small batches, scored on the first
+# {glue:text}`quick_test` sentences of the test set. It has to beat the baselines
 # above; it will not translate well.
 
 # %%
@@ -1282,26 +1299,35 @@ from annotated_transformer.train import TrainConfig, fit
 
 if speedrun and (profile != "full" or device.type != "cuda"):
     raise ValueError(f"speedrun=True is a GPU run of the full profile; got profile={profile!r} on {device}")
-if speedrun:  # the speed run: larger batches, fewer validations, a compiled model, 2 minutes of training
-    model_args = dict(N=4, d_model=256, d_ff=1024, h=4, dropout=0.3, norm_first=True)
-    max_train_len, train_tokens, steps, warmup, eval_every = None, 16384, 4000, 500, 500
-    budget_minutes = 2 if budget_minutes is None else budget_minutes
-elif profile == "full" and device.type == "cuda":
-    model_args = dict(N=4, d_model=256, d_ff=1024, h=4, dropout=0.3, norm_first=True)
-    max_train_len, train_tokens, steps, warmup, eval_every = None, 8192, 8000, 1000, 400
-elif profile == "full":  # a CPU: a smaller model and batches, so that two hours buy thousands of steps
-    model_args = dict(N=3, d_model=256, d_ff=1024, h=4, dropout=0.1, norm_first=True)
-    max_train_len, train_tokens, steps, warmup, eval_every = None, 3000, 20_000, 600, 500
-if profile == "full":
-    n_val, n_test = len(val), len(test)
-    if budget_minutes is None:
-        budget_minutes = 12 if device.type == "cuda" else 100
-    budget_s = 60 * budget_minutes  # training only; the test-set evaluation comes after
-else:
-    model_args = dict(N=2, d_model=128, d_ff=512, h=4, dropout=0.1, norm_first=True)
-    max_train_len, train_tokens, steps, warmup, eval_every = 16, 1200, 240, 100, 40
-    n_val, n_test = 200, 300
-    budget_s = None
+# Every run this chapter knows, so the prose can quote all of them whichever one runs here.
+# model_args for make_translator; train: (max pair length or None, tokens a side per batch, steps, warm-up,
+# validate every); budget: default minutes of training; eval: (validation, test) sentences (None: all).
+RUNS = {
+    "speedrun": dict(model_args=dict(N=4, d_model=256, d_ff=1024, h=4, dropout=0.3, norm_first=True),
+                     train=(None, 16384, 4000, 500, 500), budget=2, eval=(None, None)),
+    "full-cuda": dict(model_args=dict(N=4, d_model=256, d_ff=1024, h=4, dropout=0.3, norm_first=True),
+                      train=(None, 8192, 8000, 1000, 400), budget=12, eval=(None, None)),
+    "full-cpu": dict(model_args=dict(N=3, d_model=256, d_ff=1024, h=4, dropout=0.1, norm_first=True),
+                     train=(None, 3000, 20_000, 600, 500), budget=100, eval=(None, None)),
+    "quick": dict(model_args=dict(N=2, d_model=128, d_ff=512, h=4, dropout=0.1, norm_first=True),
+                  train=(16, 1200, 240, 100, 40), budget=None, eval=(200, 300)),
+}
+run_name = "speedrun" if speedrun else ("quick" if profile == "quick" else f"full-{device.type}")
+run = RUNS[run_name]
+model_args = run["model_args"]
+max_train_len, train_tokens, steps, warmup, eval_every = run["train"]
+n_val, n_test = (n or len(split) for n, split in zip(run["eval"], (val, test)))
+if budget_minutes is None:
+    budget_minutes = run["budget"]
+budget_s = None if budget_minutes is None else 60 * budget_minutes  # training only; testing comes after
+for key, run_ in (("gpu", RUNS["full-cuda"]), ("cpu", RUNS["full-cpu"]), ("quick", RUNS["quick"])):
+    glue(f"{key}_dropout", run_["model_args"]["dropout"])
+    glue(f"{key}_width", run_["model_args"]["d_model"])
+    glue(f"{key}_tokens", run_["train"][1], ",d")
+for key in ("full-cuda", "full-cpu"):
+    glue(f"{key}_minutes", RUNS[key]["budget"])
+glue("quick_max_len", RUNS["quick"]["train"][0])
+glue("quick_test", RUNS["quick"]["eval"][1])
 cfg = TrainConfig(steps=steps, warmup=warmup, factor=1.0, smoothing=0.1,
                   clip=1.0, amp=device.type == "cuda", seed=seed, log_every=20)
 
@@ -1370,6 +1396,7 @@ print(f"{history[-1]['step']} steps ({history[-1]['step'] / get_batch.per_epoch:
       f"({eval_s:.0f} s of it validation); best validation BLEU {best['bleu']:.2f} at step {best['step']}, "
       f"{averaged_bleu:.2f} for the average of the {len(best['window'])} evaluations up to it")
 print("tested and saved:", chosen)
+glue("train_s", train_s, ".0f")
 
 # %% [markdown]
 # BLEU against training steps, with the training loss beside it. The loss falls from the first step;
@@ -1404,7 +1431,7 @@ print("saved", str(checkpoint_path).replace(str(data_dir()), "<cache>"))
 # ## Scoring on the 2016 Flickr test set
 #
 # Greedy decoding, then the paper's beam search (beam 4, length penalty $\alpha = 0.6$, output at most
-# input length + 50 tokens), detokenized and scored by sacreBLEU and chrF against the raw, cased
+# the paper's "input length + 50" tokens), detokenized and scored by sacreBLEU and chrF against the raw, cased
 # references, next to the baselines from above on the same sentences.
 
 # %%
@@ -1581,8 +1608,8 @@ plt.show()
 # Row $t$ is the step that *predicts* the token on its label, so a sharp, roughly diagonal pattern
 # would mean the model reads the German word it is translating, with detours where German and
 # English word order differ (verbs at the end of German clauses). Attention is not an alignment,
-# though, and the last layer need not be the one that aligns. In the stored quick run (a minute of
-# training) the maps show how little has been learned: most rows put their weight on the same one or
+# though, and the last layer need not be the one that aligns. In the stored quick run
+# ({glue:text}`train_s` s of training) the maps show how little has been learned: most rows put their weight on the same one or
 # two source positions, whatever English word they predict, and the output describes a generic
 # scene rather than this one. Rerun the chapter with `profile = "full"` to see the trained model's.
 #
@@ -1727,7 +1754,7 @@ print("exit", done.returncode, "|", *[line for line in done.stderr.splitlines() 
 # * The data: the published Multi30k task 1 files, verified by checksum, from the shared copy,
 #   the cache or the official repository, with errors that say what is wrong where
 #   (`load_multi30k`, `locate_multi30k`).
-# * The vocabulary: one joint BPE tokenizer of 8,000 entries, chosen by measurement, saved as
+# * The vocabulary: one joint BPE tokenizer of {glue:text}`v8k` entries, chosen by measurement, saved as
 #   `tokenizer.json`, exact round trip on raw cased text (`train_tokenizer`, `encode`, `decode`).
 # * The yardstick: sacreBLEU and chrF on detokenized, cased output with the signature printed
 #   (`corpus_scores`), and two model-free baselines a trained model has to beat (`trivial_baselines`).
@@ -1735,6 +1762,6 @@ print("exit", done.returncode, "|", *[line for line in done.stderr.splitlines() 
 #   `fit`), decoded greedily and with beam search (`translate_ids`, `evaluate`), saved and reloaded
 #   (`save_translator`, `load_translator`), and used (`translate`, `python -m annotated_transformer.translate`).
 #
-# What limits the numbers here is compute, not code: the quick profile trains for about a minute on
-# one CPU core and only has to show that the pipeline works end to end and beats the baselines. The
+# What limits the numbers here is compute, not code: the quick profile trained for
+# {glue:text}`train_s` s on one CPU core and only has to show that the pipeline works end to end and beats the baselines. The
 # published scores are the ones in `results/translation-full-<device>.json`, written by the full runs themselves.

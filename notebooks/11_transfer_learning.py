@@ -44,7 +44,7 @@ import time
 import matplotlib.pyplot as plt
 import torch
 
-from annotated_transformer.runtime import setup
+from annotated_transformer.runtime import glue, setup
 
 device = setup(device, profile, seed)
 torch.set_printoptions(precision=4, sci_mode=False)
@@ -300,10 +300,11 @@ class BertEncoder(nn.Module):
         return out
 
 # %% [markdown]
-# Two helpers complete it. The tokenizer file of this model has padding to a fixed 128 tokens and
-# truncation at 128 switched on, settings left over from its training; `load_bert_tokenizer` switches both
-# off so that `tokenize` controls them: pad to the longest sentence of the batch, truncate to a length
-# we choose (256, the model card's limit, keeps `[SEP]` at the end). And `mean_pool` averages the hidden
+# Two helpers complete it. The tokenizer file of this model has padding to a fixed
+# {glue:text}`tok_file_pad` tokens and truncation at {glue:text}`tok_file_trunc` switched on, settings
+# left over from its training; `load_bert_tokenizer` switches both off so that `tokenize` controls
+# them: pad to the longest sentence of the batch, truncate to a length we choose (by default
+# {glue:text}`tok_max_len`, the model card's limit, keeping `[SEP]` at the end). And `mean_pool` averages the hidden
 # states of the real tokens only, as the model card prescribes: padding must not dilute the mean.
 
 # %%
@@ -451,6 +452,14 @@ def load_pretrained_encoder(path=None, max_len: int | None = None) -> BertEncode
                              f"in our model has shape {tuple(ours[mine].shape)} (from {path / 'config.json'})")
     model.load_state_dict({mine: state[theirs] for theirs, mine in names.items()}, strict=True)
     return model.eval()
+
+# %%
+import inspect
+
+tok_file = json.loads((folder / "tokenizer.json").read_text())
+glue("tok_file_pad", (tok_file.get("padding") or {}).get("strategy", {}).get("Fixed"))
+glue("tok_file_trunc", (tok_file.get("truncation") or {}).get("max_length"))
+glue("tok_max_len", inspect.signature(tokenize).parameters["max_len"].default)
 
 # %% tags=["nbval-check-output"]
 model = load_pretrained_encoder(folder).to(device)
@@ -950,9 +959,10 @@ def plot_recall_curves(curves: dict, results: dict, split: str = "val", ks=(1, 5
 # comparable with each other, only the three models within one profile.
 
 # %%
+quick_eval_images = 50  # the quick profile evaluates on the first 50 images of each split
 if profile == "quick":
     budget = TransferBudget(steps=30, batch_size=16, max_len=32, eval_every=10, warmup=3)
-    eval_images = 50
+    eval_images = quick_eval_images
 else:
     budget = TransferBudget(steps=2000, batch_size=64, max_len=64, eval_every=200, warmup=200)
     eval_images = None  # all of val and test_2016
@@ -960,6 +970,7 @@ else:
         torch.backends.cuda.matmul.allow_tf32 = True  # tensor cores for float32 matrix products
 lr = {"scratch": 1e-4, "fine-tuned": 5e-5}
 eval_sets = {split: flatten_captions(splits[split][:eval_images]) for split in ("val", "test_2016")}
+glue("quick_eval_images", quick_eval_images)
 
 # %% tags=["nbval-check-output"]
 print(budget)
@@ -1034,7 +1045,7 @@ print("wrote", record_path.relative_to(repo_root()))
 # %% [markdown]
 # The published run, if it has been made (read from the file; nothing typed by hand). Its evaluation
 # sets are the complete val and test_2016 splits, so its recalls are lower than the quick profile's
-# on 50 images: more distractors.
+# on {glue:text}`quick_eval_images` images: more distractors.
 
 # %%
 full_path = Path(repo_root()) / "results" / "transfer-full.json"
@@ -1047,6 +1058,9 @@ if full_path.is_file():
           f"{full['compare_wall_s']:.0f} s for the whole comparison")
     print("budget:", full["budget"], "| learning rates:", full["lr"])
     print("evaluation captions:", full["eval_captions"])
+    glue("full_val_captions", full["eval_captions"]["val"], ",d")
+    glue("full_test_captions", full["eval_captions"]["test_2016"], ",d")
+    glue("full_steps", full["budget"]["steps"], ",d")
     print(f"{'model':18s} {'val R@1':>8s} {'val R@5':>8s} {'test R@1':>9s} {'test R@5':>9s}")
     for name, r in full_results.items():
         print(f"{name:18s} {r['val'][1]:8.3f} {r['val'][5]:8.3f} {r['test_2016'][1]:9.3f} {r['test_2016'][5]:9.3f}")
@@ -1073,10 +1087,11 @@ else:
 # - **(c) keeps what (a) had.** With a small learning rate, fine-tuning moves the pretrained weights a
 #   little; how much it adds on top of (a) depends on the budget and on how much of this task the
 #   pretraining already covered, and here that was a lot.
-# - **The full run says the same with more evidence.** On the complete splits (about 5,000 captions
-#   each, so thousands of distractors) and 2,000 steps, the model trained from scratch learns a lot
-#   but stays below the pretrained model used as it is, and fine-tuning improves on both. Pretraining
-#   was worth more than 2,000 steps on our captions, but it is not a clean measure of transfer from
+# - **The full run says the same with more evidence.** On the complete splits
+#   ({glue:text}`full_val_captions` validation and {glue:text}`full_test_captions` test captions, so
+#   thousands of distractors) and {glue:text}`full_steps` steps, the model trained from scratch learns
+#   a lot but stays below the pretrained model used as it is, and fine-tuning improves on both.
+#   Pretraining was worth more than {glue:text}`full_steps` steps on our captions, but it is not a clean measure of transfer from
 #   *other* data: as the caveat above says, all-MiniLM-L6-v2's training data included Flickr30k
 #   captions, so part of what (a) brings is this very task, seen before.
 #
