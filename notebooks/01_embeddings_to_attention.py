@@ -41,7 +41,6 @@ from tokenizers import Tokenizer
 from annotated_transformer.runtime import glue, setup
 
 device = setup(device, profile, seed)
-torch.set_printoptions(precision=4, sci_mode=False)
 
 # %% [markdown]
 # (transfer-learning)=
@@ -114,13 +113,13 @@ for ax in (ax0, ax1):
 fig.suptitle(f"One layer, d = {d}, on {device.type} with {torch.get_num_threads()} thread(s)")
 fig.tight_layout()
 plt.show()
+
+# %% tags=["remove-input"]
+# The table of the timings, and the numbers the next paragraph quotes (the HTML shows the table only).
 print(f"{'n':>5} | {'RNN ms':>8} {'attn ms':>8} {'RNN / attn time':>15} | {'attn / RNN arithmetic':>21} | "
       f"{'RNN GMAC/s':>10} {'attn GMAC/s':>11}")
 for n, r, a, mr, ma in zip(lengths, rnn_s, attn_s, rnn_macs, attn_macs):
     print(f"{n:5d} | {1e3 * r:8.2f} {1e3 * a:8.2f} {r / a:15.1f} | {ma / mr:21.2f} | {mr / r / 1e9:10.1f} {ma / a / 1e9:11.1f}")
-
-# %% tags=["remove-input"]
-# The numbers the next paragraph quotes (a cell the HTML does not show: the table above has them all).
 at_d = lengths.index(d)
 rate_rnn = [m / s / 1e9 for m, s in zip(rnn_macs, rnn_s)]
 rate_attn = [m / s / 1e9 for m, s in zip(attn_macs, attn_s)]
@@ -192,6 +191,9 @@ plt.show()
 for name, g in grad_norm.items():
     print(f"{name:>16}: spectral radius of W_hh {radius[name]:.2f} | influence of x_1 on h_1: {g[0]:.3g}, "
           f"on h_16: {g[15]:.3g}, on h_64: {g[63]:.3g}")
+
+# %% tags=["remove-input"]
+# The numbers the next paragraph quotes (the lines above print them).
 glue("radius_default", radius["default init"], ".2f")
 glue("h64_default", grad_norm["default init"][63], ".0e")
 glue("h64_orthogonal", grad_norm["orthogonal W_hh"][63], ".2g")
@@ -249,9 +251,11 @@ def cos(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # %% tags=["nbval-check-output"]
 print("embedding table:", tuple(E.shape))
-glue("vocab_size", E.shape[0], ",d")
-glue("emb_dim", E.shape[1])
 print("nearest to 'apple':", nearest(emb("apple")))
+
+# %% tags=["remove-input"]
+glue("vocab_size", E.shape[0], ",d")  # quoted by the next paragraph
+glue("emb_dim", E.shape[1])
 
 # %% [markdown]
 # The table holds {glue:text}`vocab_size` word pieces, {glue:text}`emb_dim` numbers each. The
@@ -479,6 +483,9 @@ class QKVProjection(nn.Module):
         return self.w_q(x), self.w_k(x), self.w_v(x)  # (..., n, d_k), (..., n, d_k), (..., n, d_v)
 
 # %% [markdown]
+# (The exported `weighted_average` and `QKVProjection` refuse inputs whose sizes do not fit, naming
+# them; the [appendix](13_robustness.ipynb#chapter-1-embeddings-to-attention) lists what they say.)
+#
 # Do learnable projections fix the first problem? Train only $W_q$ and $W_k$, starting from random, to
 # make *apple* in "love apple phones" attend to *phones* rather than to itself. A few dozen steps of
 # gradient descent suffice; the weights of parameter-free attention could not move at all.
@@ -504,14 +511,16 @@ for j, name in enumerate(sentence):
 ax.set(xlabel="training step", ylabel="apple's attention weight", ylim=(0, 1))
 ax.legend()
 plt.show()
-glue("w_phones_before", history[0][2].item(), ".2f")
-glue("w_phones_after", history[-1][2].item(), ".2f")
 
 # %% tags=["nbval-check-output"]
 n_params = sum(p.numel() for p in proj.parameters())
 print(f"learnable parameters: {n_params} (W_q, W_k, W_v: 3 x {E.shape[1]} x 64)")
 print(f"apple's weight on 'phones': before {history[0][2]:.2f}, after 60 steps {history[-1][2]:.2f}")
 print(f"parameter-free attention's weight on 'phones': {w[1, 2]:.2f}, and no way to change it")
+
+# %% tags=["remove-input"]
+glue("w_phones_before", history[0][2].item(), ".2f")  # quoted by the next paragraph
+glue("w_phones_after", history[-1][2].item(), ".2f")
 
 # %% [markdown]
 # With $W_q$ and $W_k$ learned, *apple* can attend to *phones*: its weight on *phones* went from

@@ -47,12 +47,6 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 
-# Sizes only: the logic is the same in both profiles.
-n_samples = 10_000 if profile == "quick" else 200_000    # dot products per d_k (experiment 1)
-n_queries = 2_000 if profile == "quick" else 40_000      # softmax rows per d_k (experiments 2 and 3)
-chunk = 500                                              # rows per batch: bounds memory at d_k = 1024
-d_ks = [4, 8, 16, 32, 64, 128, 256, 512, 1024]
-
 # %% [markdown]
 # ## A soft dictionary
 #
@@ -108,7 +102,7 @@ print("hard lookup would give:", sounds[int(weights.argmax())])
 # one line:
 
 # %% tags=["nbval-check-output"]
-from annotated_transformer import QKVProjection
+from annotated_transformer.weighted_average import QKVProjection
 
 d_model, d_k, d_v, n = 8, 4, 6, 5
 X = torch.randn(n, d_model)                       # 5 word embeddings ("the sound of a dog")
@@ -169,6 +163,9 @@ print("every row of weights sums to 1:",
 # reading $k = q$.
 
 # %%
+d_ks = [4, 8, 16, 32, 64, 128, 256, 512, 1024]
+n_samples = 10_000 if profile == "quick" else 200_000    # dot products per d_k (sizes only: same logic)
+chunk = 500                                              # rows per batch: bounds memory at d_k = 1024
 gen = torch.Generator().manual_seed(seed)     # CPU generator: the same numbers on every device
 
 def sample(shape, kind="normal"):
@@ -264,6 +261,7 @@ plt.show()
 
 # %%
 n_keys, d_v_probe = 32, 16
+n_queries = 2_000 if profile == "quick" else 40_000      # softmax rows per d_k (experiments 2 and 3)
 
 def softmax_rows(d_k, scale):
     """Max weight, entropy and the gradient norms reaching q and K, one value per query row."""
@@ -314,6 +312,9 @@ for ax in axes:
 fig.suptitle(f"softmax over {n_keys} keys: unscaled scores saturate as $d_k$ grows")
 plt.tight_layout()
 plt.show()
+
+# %% tags=["remove-input"]
+# The numbers the next paragraph quotes (the table above prints them).
 glue("dk_max", d_ks[-1])
 for name in ("scaled", "unscaled"):
     glue(f"saturated_{name}", (sat[d_ks[-1], name]["max_w"] > 0.99).double().mean().item(), ".1%")
@@ -371,6 +372,9 @@ for ax, which, label in ((axes[0], "grad_q", r"$\|\partial L/\partial q\|$"), (a
 fig.suptitle("gradient reaching the queries and keys (band: 10th to 90th percentile of rows)")
 plt.tight_layout()
 plt.show()
+
+# %% tags=["remove-input"]
+# The numbers the next paragraph quotes (the table above prints them).
 glue("grad_q_scaled_lo", min(sat[d, "scaled"]["grad_q"].median().item() for d in d_ks), ".2f")
 glue("grad_q_scaled_hi", max(sat[d, "scaled"]["grad_q"].median().item() for d in d_ks), ".2f")
 glue("grad_q_unscaled_peak", max(sat[d, "unscaled"]["grad_q"].median().item() for d in d_ks), ".2g")
@@ -431,8 +435,75 @@ glue("grad_q_unscaled_last", sat[d_ks[-1], "unscaled"]["grad_q"].median().item()
 # So `causal_mask(n)` here is `~attn_mask` there, and `padding_mask(tokens, pad)` here is
 # `~key_padding_mask` there, reshaped to (batch, 1, 1, k_len).
 # [Chapter 3](03_multi_head_attention.ipynb) checks this against `nn.MultiheadAttention` itself.
+#
+# The smallest code that does all this is two one-line masks and four lines of attention:
 
 # %%
+def causal(n):
+    """(n, n): query i may attend to keys 0..i."""
+    return torch.ones(n, n, dtype=torch.bool).tril()
+
+
+def padding(tokens, pad):
+    """(batch, 1, 1, k_len): True on the real tokens."""
+    return (tokens != pad)[:, None, None, :]
+
+
+def masked_attention(q, k, v, mask=None):
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    if mask is not None:                       # masked: weight e^-inf = 0
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = scores.softmax(dim=-1)
+    return weights @ v, weights
+
+# %% [markdown]
+# Before reading the masks as numbers, look at them. A toy batch: "the sound of a dog" and the
+# two-word "dog bark", padded with token 0 to the same length. Each panel answers, for the padded
+# sentence, "may the query of this row attend to the key of this column?"
+
+# %%
+from matplotlib.colors import ListedColormap
+
+vocab = {"<pad>": 0, "the": 1, "sound": 2, "of": 3, "a": 4, "dog": 5, "bark": 6}
+tokens = torch.tensor([[1, 2, 3, 4, 5],
+                       [5, 6, 0, 0, 0]])
+pad, future = padding(tokens, vocab["<pad>"]), causal(5)
+words = ["dog", "bark", "<pad>", "<pad>", "<pad>"]
+panels = {"padding, (batch, 1, 1, k_len)": pad[1, 0].expand(5, 5), "causal, (q_len, k_len)": future,
+          "padding & causal": (pad & future)[1, 0]}
+fig, axes = plt.subplots(1, 3, figsize=(11, 3.6), layout="constrained")
+for ax, (title, m) in zip(axes, panels.items()):
+    im = ax.imshow(m.int(), cmap=ListedColormap(["#dddddd", "#2b7bba"]), vmin=0, vmax=1)
+    ax.set_xticks(range(5), words, rotation=45)
+    ax.set_yticks(range(5), words)
+    ax.set(title=title, xlabel="key", ylabel="query")
+bar = fig.colorbar(im, ax=axes, ticks=[0.25, 0.75], shrink=0.8)
+bar.ax.set_yticklabels(["False: masked", "True: may attend"])
+plt.show()
+
+# %% [markdown]
+# The padding mask is one row per sentence, the same for every query (it is stored as
+# (batch, 1, 1, k_len) and broadcast down); the causal mask is one triangle, the same for every
+# sentence; `&` combines them. The weights of the padded sentence, with the padding mask and then with
+# both: the three pad keys get weight exactly 0 from every query, and with the causal mask every
+# query also ignores the keys after it.
+
+# %% tags=["nbval-check-output"]
+torch.manual_seed(seed)
+q, k, v = (torch.randn(2, 1, 5, 4) for _ in range(3))       # (batch, h=1, seq, d_k)
+_, w_pad = masked_attention(q, k, v, mask=pad)
+_, w_both = masked_attention(q, k, v, mask=pad & future)
+print("weights of 'dog bark <pad> <pad> <pad>', padding mask:\n", w_pad[1, 0].numpy().round(2))
+print("same, padding & causal:\n", w_both[1, 0].numpy().round(2))
+
+# %% [markdown]
+# The package's version, `annotated_transformer.attention` (`scaled_dot_product_attention`,
+# `causal_mask` and `padding_mask`, folded below, a click away), is this computation plus errors that
+# name the sizes when a mask or tensor would broadcast into a silently wrong answer, a zero output
+# instead of NaN for a query that may attend to nothing, float32 scores for half-precision inputs, and
+# dropout on the weights.
+
+# %% tags=["hide-input"]
 #| export
 # Scaled dot-product attention and its masks (chapter 2).
 # Mask convention everywhere in this package: a boolean tensor, True = "may attend", that broadcasts
@@ -538,130 +609,31 @@ def scaled_dot_product_attention(q, k, v, mask=None, dropout_p: float = 0.0):
     return weights @ v, weights                                    # (..., q_len, d_v), (..., q_len, k_len)
 
 # %% [markdown]
-# The masks on a toy batch: "the sound of a dog" and the two-word "dog bark", padded to the same
-# length with token 0. The second sentence's three pad keys get weight exactly 0 from every query,
-# and with the causal mask added, every query also ignores the keys after it.
-
-# %% tags=["nbval-check-output"]
-vocab = {"<pad>": 0, "the": 1, "sound": 2, "of": 3, "a": 4, "dog": 5, "bark": 6}
-tokens = torch.tensor([[1, 2, 3, 4, 5],
-                       [5, 6, 0, 0, 0]])
-pad = padding_mask(tokens, vocab["<pad>"])
-print("padding_mask", tuple(pad.shape), "\n", pad.int().squeeze(1).squeeze(1))
-print("causal_mask(5)\n", causal_mask(5).int())
-
-torch.manual_seed(seed)
-q, k, v = (torch.randn(2, 1, 5, 4) for _ in range(3))       # (batch, h=1, seq, d_k)
-_, w_pad = scaled_dot_product_attention(q, k, v, mask=pad)
-_, w_both = scaled_dot_product_attention(q, k, v, mask=pad & causal_mask(5))
-print("weights of 'dog bark <pad> <pad> <pad>', padding mask:\n", w_pad[1, 0].numpy().round(2))
-print("same, padding & causal:\n", w_both[1, 0].numpy().round(2))
-
-# %% [markdown]
-# ### A row with nothing to attend to
-#
-# The mask of the last three queries above still allowed some key, so every row of weights summed
-# to 1. A query can also have **no** allowed key. With left padding (pads first, which a decoder
-# that generates batches of prompts uses) and a causal mask, the first two queries are pads that
-# may only look at keys before them, which are pads too:
-
-# %% tags=["nbval-check-output"]
-left = torch.tensor([[0, 0, 5, 6]])                           # "<pad> <pad> dog bark"
-mask = padding_mask(left, 0) & causal_mask(4)                 # (1, 1, 4, 4)
-print(mask.int()[0, 0])
-
-torch.manual_seed(seed)
-q, k, v = (torch.randn(1, 1, 4, 4) for _ in range(3))
-scores = q @ k.transpose(-2, -1) / 2.0
-naive = scores.masked_fill(~mask, float("-inf")).softmax(-1)   # textbook: -inf, then softmax
-print("naive weights of row 0:", naive[0, 0, 0].tolist(), "(softmax of all -inf is 0/0)")
-
-# One NaN row poisons the next layer: masked weights are exact zeros, and 0 * NaN = NaN.
-layer1 = naive @ v
-layer2 = naive @ layer1
-print("rows with NaN after layer 1:", layer1.isnan().any(-1)[0, 0].tolist())
-print("rows with NaN after layer 2:", layer2.isnan().any(-1)[0, 0].tolist())
-
-# -1e9 instead of -inf (the Harvard Annotated Transformer's choice) avoids the NaN, but a fully
-# masked row then spreads its weight uniformly over the keys it was forbidden to see.
-print("-1e9 weights of row 0:", scores.masked_fill(~mask, -1e9).softmax(-1)[0, 0, 0].tolist())
-
-out, w = scaled_dot_product_attention(q, k, v, mask=mask)
-print("ours, weights of row 0:", w[0, 0, 0].tolist(), " output of row 0:", out[0, 0, 0].tolist())
-print("ours, any NaN:", bool(out.isnan().any()))
-
-# %% [markdown]
-# The naive version puts NaN in rows 0 and 1, and one layer later NaN is everywhere, although no
-# other query gives those rows any weight: the weight is exactly 0, but $0 \times \text{NaN} =
-# \text{NaN}$. A large finite number such as $-10^9$ avoids the NaN but makes the query attend
-# uniformly to the keys it was forbidden to see.
-#
-# What *should* such a row give? Attention is a weighted sum over the allowed keys; over an empty
-# set the sum is empty, so the natural answer is **zero weights and a zero output**. It is also
-# harmless downstream: a residual connection adds it, $x + 0 = x$, so the position just keeps its
-# input, and a pad position's loss is ignored anyway. `scaled_dot_product_attention` above gets
-# there without ever computing 0/0: where a row has no allowed key it leaves the scores finite,
-# and then sets the weights of every masked key to zero, which zeroes exactly the fully masked
-# rows (in the other rows those weights are already $e^{-\infty} = 0$). Forward and backward stay
-# free of NaN.
-#
-# PyTorch changed its answer for this row once. Its fused
-# `torch.nn.functional.scaled_dot_product_attention` returned NaN for it for years (PyTorch issue
-# 103963) until a "safe softmax" that zeroes fully masked rows went into its reference
-# implementation in 2024 (proposed in PyTorch pull request 131060); the cell below prints what the
-# installed version returns. Chapter 3 shows that
-# `torch.nn.MultiheadAttention` still returns NaN on some of its code paths. So this package does
-# not rely on any kernel's choice: it makes the zeros itself.
-
-# %%
-print(f"torch {torch.__version__}, F.scaled_dot_product_attention, row 0:",
-      F.scaled_dot_product_attention(q, k, v, attn_mask=mask)[0, 0, 0].tolist())
-
-# %% [markdown]
 # ## Checked against PyTorch
 #
-# Our function and `torch.nn.functional.scaled_dot_product_attention` agree to float32 rounding,
-# without a mask, with a padding mask, and with a causal mask (against PyTorch's own
+# The small version, the package's and `torch.nn.functional.scaled_dot_product_attention` agree to
+# float32 rounding, without a mask, with a padding mask, and with a causal mask (against PyTorch's own
 # `is_causal=True`). `tests/test_attention.py` checks the same on many more shapes.
 
 # %% tags=["nbval-check-output"]
 torch.manual_seed(seed)
 q, k, v = torch.randn(2, 8, 7, 16), torch.randn(2, 8, 7, 16), torch.randn(2, 8, 7, 32)
 tok = torch.tensor([[3, 4, 5, 6, 7, 0, 0], [3, 4, 5, 6, 7, 8, 9]])
-cases = {
-    "no mask": (scaled_dot_product_attention(q, k, v)[0], F.scaled_dot_product_attention(q, k, v)),
-    "padding": (scaled_dot_product_attention(q, k, v, padding_mask(tok, 0))[0],
-                F.scaled_dot_product_attention(q, k, v, attn_mask=padding_mask(tok, 0))),
-    "causal": (scaled_dot_product_attention(q, k, v, causal_mask(7))[0],
-               F.scaled_dot_product_attention(q, k, v, is_causal=True)),
-}
-for name, (ours, theirs) in cases.items():
-    print(f"{name:>8}: allclose(atol=1e-6) {torch.allclose(ours, theirs, atol=1e-6)}")
+cases = {"no mask": (None, {}), "padding": (padding_mask(tok, 0), {"attn_mask": padding_mask(tok, 0)}),
+         "causal": (causal_mask(7), {"is_causal": True})}
+for name, (mask, torch_mask) in cases.items():
+    ours = scaled_dot_product_attention(q, k, v, mask)[0]
+    print(f"{name:>8}: package == small version {torch.allclose(ours, masked_attention(q, k, v, mask)[0], atol=1e-6)}, "
+          f"== PyTorch {torch.allclose(ours, F.scaled_dot_product_attention(q, k, v, **torch_mask), atol=1e-6)}")
+print("causal_mask(7) == causal(7):", torch.equal(causal_mask(7), causal(7)),
+      "| padding_mask == padding:", torch.equal(padding_mask(tok, 0), padding(tok, 0)))
 
 # %% [markdown]
-# Bad input fails loudly, naming what is wrong, instead of broadcasting into a silently wrong
-# answer. Two cases are classics: a (batch, 1, 1, seq) padding mask given to attention over 3-D
-# tensors (no head dimension) would broadcast the scores up to (batch, batch, q_len, k_len); and a
-# (batch, seq) padding mask, when the batch size happens to equal the number of queries, has the
-# shape of a (q_len, k_len) mask and would be applied per *query* instead of per sentence. Integer
-# inputs are refused too: their softmax weights would round to zero.
-
-# %% tags=["nbval-check-output"]
-bad_calls = {
-    "float mask": lambda: scaled_dot_product_attention(q, k, v, mask=causal_mask(7).float()),
-    "mask of the wrong size": lambda: scaled_dot_product_attention(q, k, v, mask=causal_mask(5)),
-    "q, k of different d_k": lambda: scaled_dot_product_attention(q, k[..., :8], v),
-    "k, v of different length": lambda: scaled_dot_product_attention(q, k, v[..., :6, :]),
-    "4-D mask, 3-D scores": lambda: scaled_dot_product_attention(q[:, 0], k[:, 0], v[:, 0], mask=padding_mask(tok, 0)),
-    "(batch, seq) mask, batch = q_len": lambda: scaled_dot_product_attention(q[:, 0, :2], k[:, 0], v[:, 0],
-                                                                            mask=tok[:, :] != 0),
-    "integer tensors": lambda: scaled_dot_product_attention(q.long(), k.long(), v.long()),
-}
-for name, call in bad_calls.items():
-    try:
-        call()
-    except (TypeError, ValueError) as err:
-        print(f"{name}: {type(err).__name__}: {err}")
+# Where the two versions part is at the edges: a query whose every key is masked (left padding under a
+# causal mask), where the small version's softmax computes $0/0$ and one more layer spreads the NaN to
+# every position, and input that would broadcast into a wrong answer; the
+# [appendix](13_robustness.ipynb#chapter-2-scaled-dot-product-attention) shows both, with what PyTorch's
+# own kernels return.
 
 # %% [markdown]
 # ## Summary

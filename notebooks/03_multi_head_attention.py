@@ -57,7 +57,7 @@
 #   {cite}`clark2019does`, and also many heads that can be removed at test time with little
 #   loss {cite}`michel2019sixteen`.
 #
-# Below: the exported module, a tiny experiment in which two heads split two relations between
+# Below: the module in under twenty lines, a tiny experiment in which two heads split two relations between
 # them while one head of the same width cannot serve both, and checks against
 # `torch.nn.MultiheadAttention`.
 
@@ -80,33 +80,55 @@ from torch import nn
 
 from annotated_transformer import causal_mask, padding_mask, scaled_dot_product_attention
 
-# Sizes only: the logic is the same in both profiles.
-train_steps = 400 if profile == "quick" else 3000   # per model
-n_seeds = 3 if profile == "quick" else 5            # independent trainings per number of heads
-head_counts = [1, 2, 4]
-
 # %% [markdown]
 # ## The module
 #
 # The $h$ matrices $W_q^{(i)}$ of width $d_k$ are stored side by side as one
 # $d_\text{model}\times d_\text{model}$ `nn.Linear`, `w_q` (likewise `w_k`, `w_v`): one matrix
-# product projects all heads at once. `split_heads` then reshapes (batch, seq, $d_\text{model}$)
-# to (batch, $h$, seq, $d_k$), so head $i$ owns features $i\,d_k$ to $(i+1)\,d_k$, and chapter 2's
+# product projects all heads at once. A reshape then turns (batch, seq, $d_\text{model}$) into
+# (batch, $h$, seq, $d_k$), so head $i$ owns features $i\,d_k$ to $(i+1)\,d_k$, and chapter 2's
 # `scaled_dot_product_attention` runs on all heads in one batched call, since it broadcasts over
-# leading dimensions. `merge_heads` is the Concat, and `w_o` is $W_o$.
-#
-# The mask convention is chapter 2's: boolean, True = may attend, broadcastable to
-# (batch, $h$, q_len, k_len), so a (batch, 1, 1, k_len) padding mask and a (q_len, k_len) causal
-# mask both work unchanged. When the weights are not needed (training and inference never need
-# them; only plots and tests do), `attend` calls PyTorch's fused
-# `torch.nn.functional.scaled_dot_product_attention`, which on suitable hardware uses kernels such
-# as FlashAttention {cite}`dao2022flashattention` that never store the (q_len, k_len) weights.
-# Two details keep the fast path identical to the explicit one: a query with no allowed key is
-# given every key inside the kernel and its output zeroed afterwards (some kernels return NaN
-# there, chapter 2 explains why zeros are right), and in training mode the dropout probability is
-# passed to the kernel, which drops attention weights as the explicit path does.
+# leading dimensions. Reshaping back is the Concat, and `w_o` is $W_o$. That is the whole module, in
+# the size of the original Annotated Transformer's {cite}`rush2018annotated`:
 
 # %%
+class SmallMultiHeadAttention(nn.Module):
+    """h heads of width d_k = d_model / h, side by side."""
+
+    def __init__(self, d_model, h):
+        super().__init__()
+        self.h, self.d_k = h, d_model // h
+        self.w_q, self.w_k, self.w_v, self.w_o = (
+            nn.Linear(d_model, d_model) for _ in range(4))
+
+    def forward(self, query, key, value, mask=None):
+        batch = query.shape[0]
+        # project, then split d_model into h heads: (batch, h, seq, d_k)
+        q, k, v = (w(x).view(batch, -1, self.h, self.d_k).transpose(1, 2)
+                   for w, x in ((self.w_q, query), (self.w_k, key),
+                                (self.w_v, value)))
+        out, weights = scaled_dot_product_attention(q, k, v, mask)
+        # Concat the heads, (batch, seq, d_model), then mix them with W_o
+        out = out.transpose(1, 2).reshape(batch, -1, self.h * self.d_k)
+        return self.w_o(out), weights
+
+
+torch.manual_seed(seed)
+small = SmallMultiHeadAttention(d_model=32, h=4)
+x = torch.randn(2, 6, 32)                              # (batch, seq, d_model)
+out, weights = small(x, x, x, mask=causal_mask(6))
+print("output", tuple(out.shape),
+      "| weights (batch, h, q_len, k_len)", tuple(weights.shape))
+
+# %% [markdown]
+# The package's `annotated_transformer.multihead.MultiHeadAttention`, folded below, is this module
+# plus errors that name the offending sizes, PyTorch's fused attention kernel when the weights are not
+# needed (on suitable hardware it uses kernels such as FlashAttention {cite}`dao2022flashattention`,
+# which never store the (q_len, k_len) weights), a zero output rather than NaN for a query with no
+# allowed key on both paths, dropout on the weights, an opt-in fused Q/K/V projection, and `from_torch`,
+# which copies the weights of a `torch.nn.MultiheadAttention`.
+
+# %% tags=["hide-input"]
 #| export
 # Multi-head attention (chapter 3): h scaled dot-product attentions side by side, each on its own
 # d_k = d_model / h slice of learnable projections, concatenated and mixed by W_o.
@@ -254,8 +276,10 @@ class MultiHeadAttention(nn.Module):
         return ours
 
 # %% [markdown]
-# Batched heads are the same computation as $h$ separate attentions, one per slice of the
-# projections, concatenated: the cell runs both and compares. It also counts parameters: one head
+# The two agree, given the same weights (the parameter names are the same, so the state dict maps
+# one to one; the package names the two reshapes `split_heads` and `merge_heads`). Batched heads are
+# also the same computation as $h$ separate attentions, one per slice of the projections, concatenated:
+# the cell runs both and compares. It also counts parameters: one head
 # of width $d_k = 32$ and eight heads of width $d_k = 4$ have the same number.
 
 # %% tags=["nbval-check-output"]
@@ -277,6 +301,10 @@ print("d_model =", mha.d_model, " h =", mha.h, " d_k =", mha.d_k)
 print("split_heads:", tuple(x.shape), "->", tuple(mha.split_heads(x).shape),
       "; merge_heads(split_heads(x)) == x:", torch.equal(mha.merge_heads(mha.split_heads(x)), x))
 print("batched heads == loop over heads:", torch.allclose(batched, looped, atol=1e-6))
+small.load_state_dict(mha.state_dict())                       # the same names: w_q, w_k, w_v, w_o
+mask = padding_mask(torch.tensor([[5, 6, 7, 8, 0, 0], [5, 6, 7, 8, 9, 4]]), 0) & causal_mask(6)
+print("package == small version, padding & causal mask:",
+      torch.allclose(mha(x, x, x, mask)[0], small(x, x, x, mask)[0], atol=1e-6))
 for h in (1, 2, 8):
     print(f"parameters with h={h} (d_k={32 // h}):", sum(p.numel() for p in MultiHeadAttention(32, h).parameters()))
 
@@ -319,9 +347,9 @@ for h in (1, 2, 8):
 
 # %%
 vocab, T, d_model = 10, 8, 32
-glue("vocab", vocab)
-glue("d_model", d_model)
-glue("d_k_2", d_model // 2)
+head_counts = [1, 2, 4]
+train_steps = 400 if profile == "quick" else 3000   # per model (sizes only: the logic is the same)
+n_seeds = 3 if profile == "quick" else 5            # independent trainings per number of heads
 
 
 def make_batch(n, gen):
@@ -370,7 +398,6 @@ def train_model(h, run_seed):
 
 
 n_eval = 2000
-glue("n_eval", n_eval)
 
 
 @torch.no_grad()
@@ -418,7 +445,14 @@ for h in head_counts:
         return f"{min(vals):.3f}" if n_seeds == 1 else f"{min(vals):.3f}/{sum(vals) / len(vals):.3f}"
     final = [sum(r["losses"][-20:]) / 20 for r in rs]
     print(f"{h:>5} {d_model // h:>4} | {fmt('first'):>11} {fmt('previous'):>11} {fmt('both'):>11} | {max(final):>10.4f}")
+
+# %% tags=["remove-input"]
+# The numbers the prose quotes (the table above prints them).
 both = {h: [runs[h, s]["both"] for s in range(n_seeds)] for h in head_counts}
+glue("vocab", vocab)
+glue("d_model", d_model)
+glue("d_k_2", d_model // 2)
+glue("n_eval", n_eval)
 glue("n_seeds", n_seeds)
 glue("one_head_both_worst", min(both[1]), ".3f")
 glue("one_head_both_best", max(both[1]), ".3f")
@@ -458,7 +492,7 @@ for row, h in enumerate(head_counts):
         ax.set_title(f"h={h}: head {col}", fontsize=9)
         ax.set_xticks(range(T))
         ax.set_yticks(range(T))
-        ax.tick_params(labelsize=6)
+        ax.tick_params(labelsize=7)
         if col == 0:
             ax.set_ylabel("query position", fontsize=8)
         ax.set_xlabel("key position", fontsize=8)
@@ -521,80 +555,11 @@ print("per-head weights equal torch's:", torch.allclose(w_o, w_t, atol=1e-6), tu
 print("fast path equals explicit path:", torch.allclose(out_fast, out_o, atol=1e-6))
 
 # %% [markdown]
-# The same masks given to PyTorch *without* the inversion raise no error: they silently allow
-# exactly what should be forbidden (the first cell below counts the pairs). Where they leave a
-# query with no allowed key, what PyTorch returns then depends on the code path: the second cell
-# runs `nn.MultiheadAttention` three ways, with the weights (`need_weights=True`), without them in
-# training mode (which goes through the fused `F.scaled_dot_product_attention` and its safe
-# softmax), and without them in eval mode under `torch.no_grad()` (where it takes a native "fast
-# path" of its own), and counts the query rows that come back as NaN. The convention is the one
-# thing the two APIs cannot check for you.
-
-# %% tags=["nbval-check-output"]
-ours_mask = padding_mask(tokens, 0) & causal_mask(6)                           # (2, 1, 6, 6), True = may attend
-torch_reads = ~causal_mask(6) & ~padding_mask(tokens, 0)                       # uninverted masks, as torch reads them
-print("(query, key) pairs that ours forbids and torch, given them uninverted, allows:",
-      int((~ours_mask & torch_reads).sum()), "of", int((~ours_mask).sum()))
-print("query rows left with no allowed key, per sequence:", (~torch_reads.any(-1)).sum((-1, -2)).tolist())
-wrong, _ = theirs(x, x, x, attn_mask=causal_mask(6), key_padding_mask=padding_mask(tokens, 0)[:, 0, 0],
-                  need_weights=False)
-print("uninverted masks give our output:", torch.allclose(wrong, out_o, atol=1e-6))
-
-
-# %% tags=["nbval-check-output"]
-def nan_rows_by_path(attn_mask, key_padding_mask):
-    """Query rows that torch's nn.MultiheadAttention returns as NaN, per sequence, on each code path."""
-    rows = {}
-    for path, need_weights, train in (("need_weights=True", True, True),
-                                      ("need_weights=False, train", False, True),
-                                      ("need_weights=False, eval, no_grad", False, False)):
-        theirs.train(train)
-        with torch.set_grad_enabled(train):
-            out, _ = theirs(x, x, x, attn_mask=attn_mask, key_padding_mask=key_padding_mask, need_weights=need_weights)
-        rows[path] = out.isnan().any(-1).sum(-1).tolist()
-    theirs.train()
-    return rows
-
-
-print("uninverted masks, NaN query rows per sequence:")
-for path, rows in nan_rows_by_path(causal_mask(6), padding_mask(tokens, 0)[:, 0, 0]).items():
-    print(f"  torch, {path:<34} {rows}")
-
-# Correctly inverted masks, but left padding: the two leading pads of sequence 0 have no allowed key.
-left = torch.tensor([[0, 0, 5, 6, 7, 8], [5, 6, 7, 8, 9, 4]])
-print("left padding, correct masks, NaN query rows per sequence:")
-for path, rows in nan_rows_by_path(~causal_mask(6), left == 0).items():
-    print(f"  torch, {path:<34} {rows}")
-for need_weights in (True, False):
-    out, _ = ours(x, x, x, mask=padding_mask(left, 0) & causal_mask(6), need_weights=need_weights)
-    print(f"  ours,  need_weights={need_weights!s:<21} {out.isnan().any(-1).sum(-1).tolist()}")
-
-# %% [markdown]
-# So the NaN is not a property of the masks but of the path: the same `nn.MultiheadAttention`
-# gives NaN on two of the three paths and a finite answer on the third. Ours gives zero attention
-# (the output is $W_o$'s bias) for such a row on both of its paths, as chapter 2 argued it should.
-
-# %% [markdown]
-# Bad input fails with the sizes in the message:
-
-# %% tags=["nbval-check-output"]
-mha = MultiHeadAttention(32, 4)
-q8 = torch.randn(2, 8, 32)
-bad_calls = {
-    "d_model not divisible by h": lambda: MultiHeadAttention(30, 4),
-    "wrong d_model": lambda: mha(torch.randn(2, 8, 16), q8, q8),
-    "key/value lengths differ": lambda: mha(q8, q8, q8[:, :5]),
-    "batch sizes differ": lambda: mha(q8, q8[:1], q8[:1]),
-    "float mask": lambda: mha(q8, q8, q8, mask=causal_mask(8).float()),
-    "mask of the wrong size": lambda: mha(q8, q8, q8, mask=causal_mask(6)),
-    "3-D mask": lambda: mha(q8, q8, q8, mask=torch.ones(2, 8, 8, dtype=torch.bool)),
-    "(batch, seq) mask, batch = q_len": lambda: mha(q8[:, :2], q8, q8, mask=torch.ones(2, 8, dtype=torch.bool)),
-}
-for name, call in bad_calls.items():
-    try:
-        call()
-    except (TypeError, ValueError) as err:
-        print(f"{name}: {type(err).__name__}: {err}")
+# The convention is the one thing the two APIs cannot check for you: the same masks given to PyTorch
+# *without* the inversion raise no error and silently allow what should be forbidden, and where they
+# leave a query with no allowed key, `nn.MultiheadAttention` returns NaN on some of its code paths and
+# a finite answer on another; the [appendix](13_robustness.ipynb#chapter-3-multi-head-attention) counts
+# both, next to the errors this module raises on bad input.
 
 # %% [markdown]
 # ## Summary

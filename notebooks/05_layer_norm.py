@@ -127,18 +127,38 @@ print("norm of each layer-normed token:", [round(v, 3) for v in layer_normed.nor
       "| sqrt(d) =", math.sqrt(4))
 
 # %% [markdown]
-# ## The exported `LayerNorm`
+# ## LayerNorm in code
 #
-# First the formula, written out as it is on the page: `layer_norm_by_hand` below is the definition.
-# The module then computes the same numbers with PyTorch's fused kernel (`F.layer_norm`), which makes
-# one pass over each token instead of the five element-wise passes the formula takes, forward and
-# backward. The cell after the export checks that the module, the formula and `torch.nn.LayerNorm`
-# agree, and the one after that times the two.
-# Its parameters are called `weight` ($\gamma$) and `bias` ($\beta$), the names `torch.nn.LayerNorm`
-# uses, so state dicts map one to one. Half-precision inputs are normalized in float32 (a sum of $d$
-# squares in float16 loses most of its digits) and returned in their own dtype, as PyTorch does.
+# The formula is a few lines of code. The parameters are called `weight` ($\gamma$) and `bias`
+# ($\beta$), the names `torch.nn.LayerNorm` uses, so state dicts map one to one:
 
 # %%
+class SmallLayerNorm(nn.Module):
+    """weight * (x - mean) / sqrt(var + eps) + bias, over the last dim."""
+
+    def __init__(self, d_model, eps=1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d_model))     # γ
+        self.bias = nn.Parameter(torch.zeros(d_model))      # β
+        self.eps = eps
+
+    def forward(self, x):                                   # (..., d_model)
+        mean = x.mean(-1, keepdim=True)
+        var = x.var(-1, unbiased=False, keepdim=True)       # biased: divide by d
+        return self.weight * (x - mean) / torch.sqrt(var + self.eps) + self.bias
+
+
+print("on the notes' table, with eps = 0, it is the row-by-row normalization",
+      "above:", torch.allclose(SmallLayerNorm(4, eps=0.0)(X), layer_normed, atol=1e-6))
+
+# %% [markdown]
+# The package's `annotated_transformer.norm.LayerNorm`, folded below, computes the same numbers with
+# PyTorch's fused kernel (`F.layer_norm`, one pass over each token where the formula takes five
+# element-wise passes, forward and backward), normalizes half-precision inputs in float32 and returns
+# them in their own dtype (a sum of $d$ squares in float16 loses most of its digits), and checks its
+# arguments; `layer_norm_by_hand` beside it is the formula, step by step.
+
+# %% tags=["hide-input"]
 #| export
 from numbers import Integral, Real
 
@@ -205,9 +225,12 @@ x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
 target = torch.randn(8, 20, d_model)
 (ours(x1) * target).sum().backward()
 (theirs(x2) * target).sum().backward()
+small = SmallLayerNorm(d_model)
+small.load_state_dict(theirs.state_dict())
 print("outputs equal:", torch.allclose(ours(x), theirs(x), atol=1e-5))
 print("the formula by hand equals the module:",
-      torch.allclose(layer_norm_by_hand(x, ours.weight, ours.bias), ours(x), atol=1e-5))
+      torch.allclose(layer_norm_by_hand(x, ours.weight, ours.bias), ours(x), atol=1e-5),
+      "| the small version equals the module:", torch.allclose(small(x), ours(x), atol=1e-5))
 print("grad wrt x, gamma, beta equal:", torch.allclose(x1.grad, x2.grad, atol=1e-4),
       torch.allclose(ours.weight.grad, theirs.weight.grad, atol=1e-3),
       torch.allclose(ours.bias.grad, theirs.bias.grad, atol=1e-3))
@@ -227,33 +250,9 @@ print("2018 variant equals nn.LayerNorm times sqrt((d-1)/d) =", round(math.sqrt(
       torch.allclose(rush, standard * math.sqrt((d_model - 1) / d_model), atol=1e-5))
 
 # %% [markdown]
-# The fused kernel against the formula, forward and backward, on a batch of $32$ sentences of $128$
-# tokens (the best of five runs each):
-
-# %%
-import time
-
-
-def best_time(fn, repeat=5):
-    fn()  # warm up
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-x_big = torch.randn(32, 128, d_model, requires_grad=True)
-t_hand = best_time(lambda: layer_norm_by_hand(x_big, ours.weight, ours.bias).square().sum().backward())
-t_fused = best_time(lambda: ours(x_big).square().sum().backward())
-print(f"forward + backward: by hand {1e3 * t_hand:.1f} ms, fused {1e3 * t_fused:.1f} ms, "
-      f"ratio {t_hand / t_fused:.1f}x ({torch.get_num_threads()} thread(s))")
-glue("ln_fused_ratio", t_hand / t_fused, ".1f")
-
-# %% [markdown]
-# The formula written out took {glue:text}`ln_fused_ratio` times as long as the fused kernel, for the same
-# numbers. Nothing in the model depends on which one runs, so the module uses the fused one.
+# The fused kernel and the formula give the same numbers; the
+# [appendix](13_robustness.ipynb#chapter-5-layer-normalization) times the two, and shows what half
+# precision and constant tokens do to the formula.
 
 # %% [markdown]
 # ## Internal covariate shift: the notes' roses, and what the evidence says now
@@ -346,8 +345,6 @@ def masked_batch_norm(x, real, eps=1e-5):
 ln, bn = LayerNorm(d), TokenBatchNorm(d).train()
 long_len = 12
 (short, real_s), (long, real_l) = batch_with(5), batch_with(long_len)
-glue("long_len", long_len)
-glue("n_pads", long_len - 5)
 with torch.no_grad():
     gaps = {
         "layer norm": (ln(short)[0, :5] - ln(long)[0, :5]).abs().max().item(),
@@ -356,6 +353,11 @@ with torch.no_grad():
     }
 for name, gap in gaps.items():
     print(f"{name:>25}: max |output with 5-token companion - with {long_len}-token companion| = {gap:.3f}")
+
+# %% tags=["remove-input"]
+# The numbers the prose quotes.
+glue("long_len", long_len)
+glue("n_pads", long_len - 5)
 
 # %% tags=["nbval-check-output"]
 print("layer norm: same sentence, same outputs:", gaps["layer norm"] == 0.0)
@@ -408,7 +410,6 @@ with torch.no_grad():
 
 # %%
 V, PAD, MAX_LEN = 16, 0, 40                       # tokens 1..15, pad 0
-glue("n_symbols", V - 1)
 
 
 def make_batch(batch_size, generator):
@@ -478,20 +479,23 @@ def train(norm):
     return model, losses, pad_fraction
 
 
-def no_norm(d_model):
-    return nn.Identity()
-
-
 runs = {name: train(norm) for name, norm in (("LayerNorm", LayerNorm), ("BatchNorm", TokenBatchNorm),
-                                             ("no norm", no_norm))}
+                                             ("no norm", lambda d_model: nn.Identity()))}
 print(f"{steps} steps of batch {batch_size}; mean fraction of pad positions per batch:",
       round(sum(runs['LayerNorm'][2]) / steps, 2))
 threshold = 0.1
+summary = {}
 for name, (_, losses, _) in runs.items():
     early, late = sum(losses[:100]) / 100, sum(losses[-50:]) / 50
     below = next((i + 1 for i in range(19, steps) if sum(losses[i - 19:i + 1]) / 20 < threshold), None)
+    summary[name] = early, late, below
     print(f"{name:>9}: mean training loss over steps 1-100: {early:.3f}, over the last 50 steps: {late:.4f}, "
           f"first step whose 20-step average is below {threshold}: {below}")
+
+# %% tags=["remove-input"]
+# The numbers the prose quotes (the lines above print them).
+glue("n_symbols", V - 1)
+for name, (early, late, below) in summary.items():
     key = name.replace(" ", "_")
     glue(f"{key}_early", early, ".3f")
     glue(f"{key}_late", late, ".4f")
@@ -500,13 +504,9 @@ glue("steps", steps)
 glue("threshold", threshold)
 
 # %%
-def smooth(values, k=20):
-    return [sum(values[max(0, i - k + 1): i + 1]) / len(values[max(0, i - k + 1): i + 1]) for i in range(len(values))]
-
-
 fig, ax = plt.subplots(figsize=(6.5, 3.6))
 for name, (_, losses, _) in runs.items():
-    ax.plot(smooth(losses), label=name)
+    ax.plot(range(20, steps + 1), torch.tensor(losses).unfold(0, 20, 1).mean(-1), label=name)  # moving average
 ax.set(xlabel="step", ylabel="training loss (20-step moving average)", yscale="log",
        title="same encoder, same batches: layer norm, batch norm, none")
 ax.legend()
@@ -551,6 +551,9 @@ table = {
 }
 for name, value in table.items():
     print(f"{name:>52}: held-out loss {value:.4f}")
+
+# %% tags=["remove-input"]
+# The numbers the prose quotes (the lines above print them).
 glue("bn_eval", table["BatchNorm, running statistics (eval mode)"], ".4f")
 glue("bn_train", table["BatchNorm, batch statistics (train mode)"], ".4f")
 glue("bn_alone", table["BatchNorm, batch statistics, one sentence at a time"], ".2f")
@@ -609,7 +612,6 @@ pads = torch.tensor(pad_fractions)
 corr = torch.corrcoef(torch.stack([(pads - pads.mean()).abs(), torch.tensor(records)]))[0, 1].item()
 print(f"mean pad fraction {pads.mean():.2f}; correlation between |pad fraction - mean pad fraction| "
       f"and the distance from the running mean: {corr:.2f}")
-glue("pad_corr", corr, ".2f")
 
 fig, ax = plt.subplots(figsize=(5.5, 3.4))
 ax.scatter(pad_fractions, records, s=12)
@@ -618,6 +620,9 @@ ax.set(xlabel="fraction of the batch that is padding",
        title="first BatchNorm layer, batches of 32")
 fig.tight_layout()
 plt.show()
+
+# %% tags=["remove-input"]
+glue("pad_corr", corr, ".2f")  # quoted by the next paragraph
 
 # %% [markdown]
 # The points form a V: batches with the average share of padding sit close to the running mean, and
