@@ -25,7 +25,7 @@ from common import bench, datasheet_peak, machine, matmul_peak_flops, peak_memor
 from reference import RefTransformer  # noqa: E402
 
 from annotated_transformer.attention import scaled_dot_product_attention  # noqa: E402
-from annotated_transformer.model import from_torch, make_masks, make_model, use_fused_qkv  # noqa: E402
+from annotated_transformer.model import make_masks, make_model, stacks_from_torch, use_fused_qkv  # noqa: E402
 
 TARGETS = {"train_vs_torch": 1.0, "train_vs_reference": 2.0, "kv_cache_64": 3.0, "mfu": 0.5}
 
@@ -52,7 +52,7 @@ VOCAB, PAD = 8000, 0
 
 # --------------------------------------------------------------------------------------------------
 # Three models with one architecture: torch.nn.Transformer wrapped with embeddings and a generator,
-# ours with the same weights (from_torch), and the straightforward reference.
+# ours with the same weights (stacks_from_torch), and the straightforward reference.
 
 
 class TorchSeq2Seq(nn.Module):
@@ -91,7 +91,7 @@ def three_models(cfg: dict, dropout: float = 0.1, seed: int = 0, compile: bool =
     torch.manual_seed(seed)
     ours = make_model(VOCAB, VOCAB, dropout=dropout, **cfg)
     t = nn.Transformer(cfg["d_model"], cfg["h"], cfg["N"], cfg["N"], cfg["d_ff"], dropout, batch_first=True)
-    stacks = from_torch(t)  # ours gets torch's encoder/decoder weights, weight for weight
+    stacks = stacks_from_torch(t)  # ours gets torch's encoder/decoder weights, weight for weight
     ours.encoder, ours.decoder = stacks["encoder"], stacks["decoder"]
     theirs = TorchSeq2Seq(t, copy.deepcopy(ours.src_embed.lut), copy.deepcopy(ours.tgt_embed.lut),
                           ours.pos_encoding.pe[: 4096].clone().squeeze(0), copy.deepcopy(ours.generator.proj))
@@ -236,7 +236,7 @@ def bench_attention(profile: dict, device) -> dict:
 
 
 def bench_decoding(profile: dict, device) -> dict:
-    from annotated_transformer.decode import greedy_decode
+    from annotated_transformer.decoding import greedy_decode
 
     torch.manual_seed(0)
     cfg = CONFIGS[profile["decode_config"]]

@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from annotated_transformer.decode import KVCache, decode_step
+from annotated_transformer.decoding import KVCache, decode_step
 from annotated_transformer.model import make_masks, make_model
 from annotated_transformer.runtime import resolve_device
 from annotated_transformer.train import LabelSmoothing, NoamSchedule
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     src, tgt = src.to(device), tgt.to(device)
     tgt_in, tgt_y = tgt[:, :-1], tgt[:, 1:]
     src_mask, tgt_mask = make_masks(src, tgt_in, 0)
-    criterion = LabelSmoothing(vocab, 0, 0.1)
+    criterion = LabelSmoothing(vocab, pad_idx=0, smoothing=0.1)
     opt = torch.optim.Adam(model.parameters(), lr=1.0, betas=(0.9, 0.98), eps=1e-9)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, NoamSchedule(128, 100))
     ntokens = int((tgt_y != 0).sum())                     # counted once, from the host batch

@@ -213,8 +213,15 @@ class EncoderLayer(nn.Module):
         self.feed_forward = PositionwiseFeedForward(d_model, d_ff, dropout, activation)
         self.sublayer = nn.ModuleList(SublayerConnection(d_model, dropout, norm_first, eps) for _ in range(2))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, need_weights: bool = False):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         # x (batch, seq, d_model); mask broadcastable to (batch, h, seq, seq), True = may attend
+        return self._layer(x, mask, need_weights=False)[0]
+
+    def forward_with_weights(self, x: torch.Tensor, mask: torch.Tensor | None = None):
+        """forward's output and the self-attention weights (batch, h, seq, seq), by the explicit path."""
+        return self._layer(x, mask, need_weights=True)
+
+    def _layer(self, x, mask, need_weights: bool):
         _check_d_model(x, self.d_model, "the encoder layer's input")
         weights = None
 
@@ -224,8 +231,7 @@ class EncoderLayer(nn.Module):
             return out
 
         x = self.sublayer[0](x, attend)
-        x = self.sublayer[1](x, self.feed_forward)
-        return (x, weights) if need_weights else x  # weights (batch, h, seq, seq)
+        return self.sublayer[1](x, self.feed_forward), weights
 
 # %% [markdown]
 # ## 3. The decoder layer: three sublayers, and the masks
@@ -243,6 +249,12 @@ class EncoderLayer(nn.Module):
 # | encoder self-attention | `padding_mask(src, pad)` | (batch, 1, 1, src_len) |
 # | decoder self-attention | `padding_mask(tgt, pad) & causal_mask(tgt_len)` | (batch, 1, tgt_len, tgt_len) |
 # | cross-attention | `padding_mask(src, pad)` | (batch, 1, 1, src_len) |
+#
+# `DecoderLayer` and `Decoder` take their arguments in `torch.nn.TransformerDecoderLayer`'s order
+# and names, `(tgt, memory, tgt_mask, memory_mask)`: the decoder self-attention's mask first, the
+# cross-attention's second. Only the meaning of `True` differs from PyTorch's. Every layer's `forward`
+# returns one tensor; `forward_with_weights` also returns the attention weights (they need the
+# explicit, slower attention path), which is how `Transformer.attention_maps` reads them.
 
 # %%
 #| export
@@ -261,9 +273,20 @@ class DecoderLayer(nn.Module):
         self.feed_forward = PositionwiseFeedForward(d_model, d_ff, dropout, activation)
         self.sublayer = nn.ModuleList(SublayerConnection(d_model, dropout, norm_first, eps) for _ in range(3))
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor, src_mask: torch.Tensor | None = None,
-                tgt_mask: torch.Tensor | None = None, need_weights: bool = False):
-        # x (batch, tgt_len, d_model), memory (batch, src_len, d_model)
+    def forward(self, tgt: torch.Tensor, memory: torch.Tensor, tgt_mask: torch.Tensor | None = None,
+                memory_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """tgt (batch, tgt_len, d_model) reads memory (batch, src_len, d_model): torch's argument order
+        (TransformerDecoderLayer), but the masks in this package's convention, True = may attend.
+        tgt_mask (self-attention) broadcasts to (batch, h, tgt_len, tgt_len), causal and padding in one;
+        memory_mask (cross-attention) to (batch, h, tgt_len, src_len), usually the source's padding."""
+        return self._layer(tgt, memory, tgt_mask, memory_mask, need_weights=False)[0]
+
+    def forward_with_weights(self, tgt: torch.Tensor, memory: torch.Tensor, tgt_mask: torch.Tensor | None = None,
+                             memory_mask: torch.Tensor | None = None):
+        """forward's output and (self-attention weights, cross-attention weights), by the explicit path."""
+        return self._layer(tgt, memory, tgt_mask, memory_mask, need_weights=True)
+
+    def _layer(self, x, memory, tgt_mask, memory_mask, need_weights: bool):
         _check_d_model(x, self.d_model, "the decoder layer's input")
         _check_d_model(memory, self.d_model, "the encoder memory")
         if memory.size(0) != x.size(0):
@@ -277,13 +300,12 @@ class DecoderLayer(nn.Module):
 
         def cross_attend(y):
             nonlocal w_cross
-            out, w_cross = self.src_attn(y, memory, memory, mask=src_mask, need_weights=need_weights)
+            out, w_cross = self.src_attn(y, memory, memory, mask=memory_mask, need_weights=need_weights)
             return out
 
         x = self.sublayer[0](x, self_attend)
         x = self.sublayer[1](x, cross_attend)
-        x = self.sublayer[2](x, self.feed_forward)
-        return (x, (w_self, w_cross)) if need_weights else x
+        return self.sublayer[2](x, self.feed_forward), (w_self, w_cross)
 
 # %% [markdown]
 # ## 4. Stacks of $N$ layers, and the final norm
@@ -309,18 +331,19 @@ class Encoder(nn.Module):
             raise ValueError("an Encoder needs at least one layer")
         self.norm = norm
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, need_weights: bool = False):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         # x (batch, src_len, d_model) -> memory (batch, src_len, d_model)
+        for layer in self.layers:
+            x = layer(x, mask)
+        return x if self.norm is None else self.norm(x)
+
+    def forward_with_weights(self, x: torch.Tensor, mask: torch.Tensor | None = None):
+        """forward's output and every layer's self-attention weights, a list of (batch, h, seq, seq)."""
         weights = []
         for layer in self.layers:
-            if need_weights:
-                x, w = layer(x, mask, need_weights=True)
-                weights.append(w)
-            else:
-                x = layer(x, mask)
-        if self.norm is not None:
-            x = self.norm(x)
-        return (x, weights) if need_weights else x
+            x, w = layer.forward_with_weights(x, mask)
+            weights.append(w)
+        return (x if self.norm is None else self.norm(x)), weights
 
 
 class Decoder(nn.Module):
@@ -333,19 +356,23 @@ class Decoder(nn.Module):
             raise ValueError("a Decoder needs at least one layer")
         self.norm = norm
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor, src_mask: torch.Tensor | None = None,
-                tgt_mask: torch.Tensor | None = None, need_weights: bool = False):
-        # x (batch, tgt_len, d_model), memory (batch, src_len, d_model) -> (batch, tgt_len, d_model)
-        weights = []
+    def forward(self, tgt: torch.Tensor, memory: torch.Tensor, tgt_mask: torch.Tensor | None = None,
+                memory_mask: torch.Tensor | None = None) -> torch.Tensor:
+        # tgt (batch, tgt_len, d_model), memory (batch, src_len, d_model) -> (batch, tgt_len, d_model)
+        # torch's order and names (TransformerDecoder); masks as in DecoderLayer, True = may attend
+        x = tgt
         for layer in self.layers:
-            if need_weights:
-                x, w = layer(x, memory, src_mask, tgt_mask, need_weights=True)
-                weights.append(w)
-            else:
-                x = layer(x, memory, src_mask, tgt_mask)
-        if self.norm is not None:
-            x = self.norm(x)
-        return (x, weights) if need_weights else x
+            x = layer(x, memory, tgt_mask=tgt_mask, memory_mask=memory_mask)
+        return x if self.norm is None else self.norm(x)
+
+    def forward_with_weights(self, tgt: torch.Tensor, memory: torch.Tensor, tgt_mask: torch.Tensor | None = None,
+                             memory_mask: torch.Tensor | None = None):
+        """forward's output and every layer's (self-attention, cross-attention) weights."""
+        x, weights = tgt, []
+        for layer in self.layers:
+            x, w = layer.forward_with_weights(x, memory, tgt_mask=tgt_mask, memory_mask=memory_mask)
+            weights.append(w)
+        return (x if self.norm is None else self.norm(x)), weights
 
 # %% tags=["nbval-check-output"]
 torch.manual_seed(seed)
@@ -435,15 +462,14 @@ class Transformer(nn.Module):
         self.generator = generator
         self.config: dict = {}  # make_model records its arguments here (checkpoints compare them)
 
-    def encode(self, src: torch.Tensor, src_mask: torch.Tensor | None = None, need_weights: bool = False):
+    def encode(self, src: torch.Tensor, src_mask: torch.Tensor | None = None) -> torch.Tensor:
         # src (batch, src_len) ids -> memory (batch, src_len, d_model)
-        return self.encoder(self.pos_encoding(self.src_embed(src)), src_mask, need_weights=need_weights)
+        return self.encoder(self.pos_encoding(self.src_embed(src)), src_mask)
 
     def decode(self, memory: torch.Tensor, src_mask: torch.Tensor | None, tgt: torch.Tensor,
-               tgt_mask: torch.Tensor | None = None, need_weights: bool = False):
-        # tgt (batch, tgt_len) ids -> (batch, tgt_len, d_model), before the generator
-        return self.decoder(self.pos_encoding(self.tgt_embed(tgt)), memory, src_mask, tgt_mask,
-                            need_weights=need_weights)
+               tgt_mask: torch.Tensor | None = None) -> torch.Tensor:
+        # tgt (batch, tgt_len) ids -> (batch, tgt_len, d_model), before the generator (harvardnlp's order)
+        return self.decoder(self.pos_encoding(self.tgt_embed(tgt)), memory, tgt_mask=tgt_mask, memory_mask=src_mask)
 
     def forward(self, src: torch.Tensor, tgt: torch.Tensor, src_mask: torch.Tensor | None = None,
                 tgt_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -458,8 +484,9 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def attention_maps(self, src, tgt, src_mask=None, tgt_mask=None) -> dict:
         """Attention weights of every layer: {'encoder', 'decoder_self', 'cross'} -> list of (batch, h, q, k)."""
-        memory, enc_w = self.encode(src, src_mask, need_weights=True)
-        _, dec_w = self.decode(memory, src_mask, tgt, tgt_mask, need_weights=True)
+        memory, enc_w = self.encoder.forward_with_weights(self.pos_encoding(self.src_embed(src)), src_mask)
+        _, dec_w = self.decoder.forward_with_weights(self.pos_encoding(self.tgt_embed(tgt)), memory,
+                                                     tgt_mask=tgt_mask, memory_mask=src_mask)
         return {"encoder": enc_w, "decoder_self": [w[0] for w in dec_w], "cross": [w[1] for w in dec_w]}
 
 
@@ -652,7 +679,7 @@ print(f"float32 memory the big model would need just to be built: {counts['big']
 # ## 8. Weight for weight equal to `torch.nn.Transformer`
 #
 # The strongest check of the assembly is to take PyTorch's own implementation, copy its weights into
-# ours, and compare outputs. `from_torch(t)` reads a `torch.nn.Transformer(batch_first=True)`,
+# ours, and compare outputs. `stacks_from_torch(t)` reads a `torch.nn.Transformer(batch_first=True)`,
 # post-LN or pre-LN, ReLU or GELU, and returns our two stacks (with `t`'s final norms) as a module
 # with `.encoder` and `.decoder`. They take embedded inputs of shape (batch, seq, d_model), as
 # `t.encoder` and `t.decoder` do, but masks in *our* convention: PyTorch's boolean masks mean the
@@ -666,19 +693,19 @@ def _activation_name(layer: nn.Module) -> str:
         return "relu"
     if act is nn.functional.gelu or (isinstance(act, nn.GELU) and act.approximate == "none"):
         return "gelu"
-    raise ValueError(f"from_torch supports ReLU and exact GELU activations, got {act!r}")
+    raise ValueError(f"stacks_from_torch supports ReLU and exact GELU activations, got {act!r}")
 
 
 def _copy_norm(ours: LayerNorm, theirs: nn.LayerNorm) -> None:
     if theirs.bias is None or theirs.weight is None:
-        raise ValueError("from_torch needs LayerNorms with weight and bias (nn.Transformer(bias=True))")
+        raise ValueError("stacks_from_torch needs LayerNorms with weight and bias (nn.Transformer(bias=True))")
     ours.weight.copy_(theirs.weight)
     ours.bias.copy_(theirs.bias)
 
 
 def _copy_ffn(ours: PositionwiseFeedForward, layer: nn.Module) -> None:
     if layer.linear1.bias is None:
-        raise ValueError("from_torch needs linear layers with biases (nn.Transformer(bias=True))")
+        raise ValueError("stacks_from_torch needs linear layers with biases (nn.Transformer(bias=True))")
     ours.w_1.weight.copy_(layer.linear1.weight)
     ours.w_1.bias.copy_(layer.linear1.bias)
     ours.w_2.weight.copy_(layer.linear2.weight)
@@ -686,16 +713,16 @@ def _copy_ffn(ours: PositionwiseFeedForward, layer: nn.Module) -> None:
 
 
 @torch.no_grad()
-def from_torch(t: nn.Transformer) -> nn.ModuleDict:
+def stacks_from_torch(t: nn.Transformer) -> nn.ModuleDict:
     """Copy a torch.nn.Transformer(batch_first=True) into our Encoder and Decoder, weight for weight.
 
     Returns a ModuleDict with .encoder and .decoder taking embedded inputs (batch, seq, d_model) and
     masks in this package's convention (True = may attend). Post-LN and pre-LN, ReLU and GELU.
     """
     if not isinstance(t, nn.Transformer):
-        raise TypeError(f"from_torch expects a torch.nn.Transformer, got {type(t).__name__}")
+        raise TypeError(f"stacks_from_torch expects a torch.nn.Transformer, got {type(t).__name__}")
     if not t.batch_first:
-        raise ValueError("from_torch expects nn.Transformer(batch_first=True): our stacks are batch-first")
+        raise ValueError("stacks_from_torch expects nn.Transformer(batch_first=True): our stacks are batch-first")
     stacks = {}
     for kind, theirs, make in (("encoder", t.encoder, EncoderLayer), ("decoder", t.decoder, DecoderLayer)):
         layers = []
@@ -728,7 +755,7 @@ def compare_with_torch(norm_first, activation, d_model=32, h=4, d_ff=48, N=2, se
     torch.manual_seed(seed)
     t = nn.Transformer(d_model, h, N, N, d_ff, dropout=0.1, activation=activation, batch_first=True,
                        norm_first=norm_first).eval()
-    ours = from_torch(t).eval()
+    ours = stacks_from_torch(t).eval()
     batch, S, T = 3, 7, 5
     src, tgt = torch.randn(batch, S, d_model), torch.randn(batch, T, d_model)
     src_keep = torch.ones(batch, S, dtype=torch.bool); src_keep[1, 5:] = False; src_keep[2, 3:] = False
@@ -741,7 +768,7 @@ def compare_with_torch(norm_first, activation, d_model=32, h=4, d_ff=48, N=2, se
         src_mask = src_keep[:, None, None, :]                       # (batch, 1, 1, S)
         tgt_mask = tgt_keep[:, None, None, :] & causal              # (batch, 1, T, T)
         mem_o = ours.encoder(src, src_mask)
-        out_o = ours.decoder(tgt, mem_o, src_mask, tgt_mask)
+        out_o = ours.decoder(tgt, mem_o, tgt_mask=tgt_mask, memory_mask=src_mask)  # torch's order, our masks
     enc_err = (mem_o - mem_t)[src_keep].abs().max().item()
     dec_err = (out_o - out_t).abs().max().item()
     return enc_err, dec_err
@@ -768,4 +795,4 @@ for (nf, act), (e, dd) in results.items():
 #
 # `annotated_transformer.model`: `Embeddings`, `EncoderLayer`, `DecoderLayer`, `Encoder`,
 # `Decoder`, `Generator`, `Transformer`, `make_masks`, `make_model`, `count_parameters` and
-# `from_torch`. The [training chapter](08_training.ipynb) trains it.
+# `stacks_from_torch`. The [training chapter](08_training.ipynb) trains it.

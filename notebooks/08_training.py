@@ -161,40 +161,40 @@ class Batch:
 class LabelSmoothing(nn.Module):
     """Label-smoothed loss in KL form (paper, section 5.4), summed over non-padding targets.
 
-    The target distribution q puts 1 - smoothing on the correct token and smoothing / (size - 2) on
-    every other token except padding; targets equal to padding_idx contribute nothing. Target ids are
+    The target distribution q puts 1 - smoothing on the correct token and smoothing / (vocab - 2) on
+    every other token except padding; targets equal to pad_idx contribute nothing. Target ids are
     asserted on the device (no host sync); Batch and fit() check them on the host with a ValueError.
     """
 
-    def __init__(self, size: int, padding_idx: int, smoothing: float = 0.0):
+    def __init__(self, vocab: int, pad_idx: int, smoothing: float = 0.0):
         super().__init__()
-        if size < 3:
-            raise ValueError(f"size (the vocabulary) must be at least 3, got {size}")
-        if not 0 <= padding_idx < size:
-            raise ValueError(f"padding_idx={padding_idx} is outside a vocabulary of {size}")
+        if vocab < 3:
+            raise ValueError(f"vocab (the vocabulary size) must be at least 3, got {vocab}")
+        if not 0 <= pad_idx < vocab:
+            raise ValueError(f"pad_idx={pad_idx} is outside a vocabulary of {vocab}")
         if not 0.0 <= smoothing < 1.0:
             raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
-        self.size, self.padding_idx, self.smoothing = size, padding_idx, smoothing
+        self.vocab, self.pad_idx, self.smoothing = vocab, pad_idx, smoothing
         self.confidence = 1.0 - smoothing
 
     def target_distribution(self, target: torch.Tensor) -> torch.Tensor:
-        # target (n,) ids -> q (n, size)
-        q = torch.full((target.numel(), self.size), self.smoothing / (self.size - 2), device=target.device)
+        # target (n,) ids -> q (n, vocab)
+        q = torch.full((target.numel(), self.vocab), self.smoothing / (self.vocab - 2), device=target.device)
         q.scatter_(1, target.reshape(-1, 1), self.confidence)
-        q[:, self.padding_idx] = 0.0
-        return q.masked_fill((target.reshape(-1) == self.padding_idx).unsqueeze(1), 0.0)  # no boolean indexing: no sync
+        q[:, self.pad_idx] = 0.0
+        return q.masked_fill((target.reshape(-1) == self.pad_idx).unsqueeze(1), 0.0)  # no boolean indexing: no sync
 
     def forward(self, logp: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        # logp (..., size) log-probabilities, target (...) ids -> scalar: KL summed over real tokens
-        if logp.size(-1) != self.size:
-            raise ValueError(f"log-probabilities have {logp.size(-1)} classes but the loss was built for {self.size}")
+        # logp (..., vocab) log-probabilities, target (...) ids -> scalar: KL summed over real tokens
+        if logp.size(-1) != self.vocab:
+            raise ValueError(f"log-probabilities have {logp.size(-1)} classes but the loss was built for {self.vocab}")
         if logp.shape[:-1] != target.shape:
             raise ValueError(f"log-probabilities {tuple(logp.shape)} do not match targets {tuple(target.shape)}")
         # on the device, without a host sync: a CPU raises RuntimeError here, a GPU a device-side assert
-        torch._assert_async(((target >= 0) & (target < self.size)).all(),
-                            f"target ids must lie in [0, {self.size}) for a loss over {self.size} classes")
+        torch._assert_async(((target >= 0) & (target < self.vocab)).all(),
+                            f"target ids must lie in [0, {self.vocab}) for a loss over {self.vocab} classes")
         q = self.target_distribution(target.reshape(-1))
-        return nn.functional.kl_div(logp.reshape(-1, self.size).float(), q, reduction="sum")
+        return nn.functional.kl_div(logp.reshape(-1, self.vocab).float(), q, reduction="sum")
 
 # %% [markdown]
 # What the smoothed targets look like for five labels in a vocabulary of 8 (the last label is
@@ -205,7 +205,7 @@ class LabelSmoothing(nn.Module):
 
 # %%
 V_demo, eps_demo = 8, 0.1
-crit = LabelSmoothing(V_demo, padding_idx=0, smoothing=eps_demo)
+crit = LabelSmoothing(V_demo, pad_idx=0, smoothing=eps_demo)
 labels = torch.tensor([2, 1, 5, 7, 0])
 q = crit.target_distribution(labels)
 

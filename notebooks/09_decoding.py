@@ -38,7 +38,7 @@ profile = "quick"  # quick (CI, about a minute on 2 cores) | full (the published
 seed = 0
 
 # %%
-#| default_exp decode
+#| default_exp decoding
 from annotated_transformer.runtime import glue, setup
 
 device = setup(device, profile, seed)
@@ -145,7 +145,7 @@ glue("n_heldout", N_HELDOUT)
 # `src_attn`, `feed_forward` and `sublayer` wrappers, with the same weights) on the newest position,
 # using `MultiHeadAttention.attend`, the entry point of the [multi-head
 # chapter](03_multi_head_attention.ipynb) that takes already-projected heads. `model.py` is
-# untouched: the model that `from_torch` checks against PyTorch is the model that is decoded.
+# untouched: the model that `stacks_from_torch` checks against PyTorch is the model that is decoded.
 #
 # No causal mask is needed inside the cached step: the newest position may see every cached one,
 # and there is nothing later to hide. Post-LN and pre-LN both work, because the sublayer wrapper
@@ -725,7 +725,7 @@ for name, m in (("trained", model), ("half-trained", half)):
 #
 # ## 7. What the trained model attends to
 #
-# `Transformer.attention_maps` runs the model once with `need_weights=True` and returns the
+# `Transformer.attention_maps` runs the model once through the layers' `forward_with_weights` and returns the
 # attention weights of every layer: encoder self-attention, decoder self-attention and
 # cross-attention, each (batch, $h$, queries, keys). Below, one held-out source of the longest length,
 # one row of panels per kind of attention and one panel per head (this model has one layer of each
@@ -784,5 +784,5 @@ print("per head:", per_head)
 #
 # ## What the chapter exports
 #
-# `annotated_transformer.decode`: `KVCache` and `decode_step` (one cached decoder step),
+# `annotated_transformer.decoding`: `KVCache` and `decode_step` (one cached decoder step),
 # `greedy_decode` and `beam_search` (batched, with the cache, or without it for reference).

@@ -32,7 +32,7 @@
 # translations that need no model at all. The second half trains the Transformer of the previous
 # chapters on these sentences, decodes with greedy and beam search, scores the result on the 2016
 # Flickr test set, looks at its cross-attention and its mistakes, and packages it as a
-# `translate()` function and a command line (`annotated_transformer.translate`).
+# `translate()` function and a command line (`annotated_transformer.translation`).
 
 # %% tags=["parameters"]
 device = "auto"   # auto | cpu | cuda  (papermill parameter)
@@ -398,8 +398,8 @@ with tempfile.TemporaryDirectory() as tmp:
 #
 # Both run here in Hugging Face `tokenizers`, SentencePiece-style {cite}`kudo2018sentencepiece`:
 # text is NFC-normalized, a "▁" marks the start of each word (the `Metaspace` pre-tokenizer), and
-# the matching decoder turns "▁" back into spaces. So `decode(encode(text)) == text` for cased, raw
-# text, which is what the evaluation below needs.
+# the matching decoder turns "▁" back into spaces. So `decode_ids(tok, encode_sentences(tok, texts)) == texts`
+# for cased, raw text, which is what the evaluation below needs.
 #
 # Then two choices: **joint or separate** vocabularies (one table shared by German and English, or
 # one per language), and the **size**. For each option the cell below reports, on the validation
@@ -429,7 +429,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 8000, model: str = "
 
     model: "bpe" (Sennrich et al.), "unigram" (Kudo) or "word" (one entry per space-separated word,
     the notes' view, kept for comparison). SentencePiece-style: NFC, "▁" marks word starts
-    (Metaspace) so decode() restores the spaces of raw text. Ids 0..3 are SPECIAL_TOKENS."""
+    (Metaspace) so decode_ids() restores the spaces of raw text. Ids 0..3 are SPECIAL_TOKENS."""
     _require("tokenizers", "translate")
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
@@ -490,22 +490,23 @@ def load_tokenizer(path) -> "Tokenizer":
     return tok
 
 
-def encode(tokenizer: "Tokenizer", sentences: Sequence[str], *, bos: bool = False, eos: bool = True) -> list[list[int]]:
+def encode_sentences(tokenizer: "Tokenizer", sentences: Sequence[str], *, bos: bool = False,
+                     eos: bool = True) -> list[list[int]]:
     """Sentences -> lists of token ids, with <s> in front if `bos` and </s> at the end if `eos`."""
     if isinstance(sentences, str):
-        raise TypeError("encode() takes a list of sentences; wrap a single one as [sentence]")
+        raise TypeError("encode_sentences() takes a list of sentences; wrap a single one as [sentence]")
     head, tail = [BOS_IDX] if bos else [], [EOS_IDX] if eos else []
     return [head + e.ids + tail for e in tokenizer.encode_batch(list(sentences))]
 
 
-def decode(tokenizer: "Tokenizer", batch) -> list[str]:
+def decode_ids(tokenizer: "Tokenizer", batch) -> list[str]:
     """Lists (or a 2-D tensor) of ids -> detokenized text: stops at the first </s>, drops <s>, <pad>, <unk>."""
     if hasattr(batch, "tolist"):
         batch = batch.tolist()
     out = []
     for ids in batch:
         if isinstance(ids, int):
-            raise TypeError("decode() takes a batch (a list of id lists); wrap a single one as [ids]")
+            raise TypeError("decode_ids() takes a batch (a list of id lists); wrap a single one as [ids]")
         ids = list(ids)
         if EOS_IDX in ids:
             ids = ids[: ids.index(EOS_IDX)]
@@ -518,9 +519,9 @@ def tokenizer_stats(tokenizer: "Tokenizer", texts: Sequence[str]) -> dict:
     import unicodedata
 
     texts = list(texts)
-    ids = encode(tokenizer, texts, eos=False)
+    ids = encode_sentences(tokenizer, texts, eos=False)
     n = sum(len(x) for x in ids)
-    back = decode(tokenizer, ids)
+    back = decode_ids(tokenizer, ids)
     same = sum(b == unicodedata.normalize("NFC", t) for b, t in zip(back, texts))
     return {
         "tokens_per_sentence": n / len(texts),
@@ -713,10 +714,10 @@ examples = ["Ein Hund läuft im Schnee.", "Mehrere Männer mit Schutzhelmen bedi
             "Zwei Mädchen überqueren eine große Straße."]
 print("training sentences containing 'Antriebsradsystem':", sum("Antriebsradsystem" in de for de in train_de))
 for sentence in examples:
-    ids = encode(tokenizer, [sentence], bos=True)[0]
+    ids = encode_sentences(tokenizer, [sentence], bos=True)[0]
     print(ids)
     print(" ".join(tokenizer.id_to_token(i) for i in ids))
-    print(decode(tokenizer, [ids])[0] == sentence)
+    print(decode_ids(tokenizer, [ids])[0] == sentence)
 for name in ("val", "test"):
     pairs = splits[name]
     de_stats = tokenizer_stats(tokenizer, [de for de, _ in pairs])
@@ -732,7 +733,7 @@ for name in ("val", "test"):
 # No `<unk>` on the validation or test set: every character in them occurs in the training set
 # (and on the training set itself there can be none: BPE starts from all of its characters). That
 # is a property of this data, not a guarantee: a character never seen in training (an emoji, say)
-# becomes `<unk>` and is dropped by `decode`. Byte-level BPE would avoid that at the price of
+# becomes `<unk>` and is dropped by `decode_ids`. Byte-level BPE would avoid that at the price of
 # splitting every umlaut into two byte symbols; for Multi30k it buys nothing.
 #
 # Sequence lengths in tokens decide the batch shapes and the size of the positional table. The
@@ -740,8 +741,8 @@ for name in ("val", "test"):
 # at the end (its last prediction). `max_len` of the positional encoding must cover the longest.
 
 # %% tags=["nbval-check-output"]
-src_lengths = [len(x) for x in encode(tokenizer, train_de)]
-tgt_lengths = [len(x) for x in encode(tokenizer, train_en, bos=True)]
+src_lengths = [len(x) for x in encode_sentences(tokenizer, train_de)]
+tgt_lengths = [len(x) for x in encode_sentences(tokenizer, train_en, bos=True)]
 print(f"train source tokens: {sum(src_lengths)} (mean {sum(src_lengths) / len(src_lengths):.2f}, max {max(src_lengths)})")
 print(f"train target tokens: {sum(tgt_lengths)} (mean {sum(tgt_lengths) / len(tgt_lengths):.2f}, max {max(tgt_lengths)})")
 
@@ -838,7 +839,7 @@ def corpus_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict:
     for name, xs in (("hypotheses", hypotheses), ("references", references)):
         bad = next((x for x in xs if not isinstance(x, str)), None)
         if bad is not None:
-            raise TypeError(f"{name} must be detokenized strings (use decode()), found a {type(bad).__name__}")
+            raise TypeError(f"{name} must be detokenized strings (use decode_ids()), found a {type(bad).__name__}")
     bleu, chrf = BLEU(), CHRF()
     b = bleu.corpus_score(hypotheses, [references])
     c = chrf.corpus_score(hypotheses, [references])
@@ -898,7 +899,7 @@ for name, pairs in (("val", val), ("test", test)):
 # score. The model is the one of [the whole-Transformer chapter](07_the_transformer.ipynb), trained
 # with the loop, label smoothing and Noam schedule of [the training chapter](08_training.ipynb) and
 # decoded with the greedy and beam search of [the decoding chapter](09_decoding.ipynb). What this
-# chapter adds is the glue a real data set needs, exported as `annotated_transformer.translate`:
+# chapter adds is the glue a real data set needs, exported as `annotated_transformer.translation`:
 #
 # * `token_batches`: `get_batch(step, micro)` for `fit`, length-bucketed batches of about
 #   `max_tokens` padded tokens a side, re-bucketed every epoch with the epoch's own seed. A batch is a
@@ -915,7 +916,7 @@ for name, pairs in (("val", val), ("test", test)):
 #   `corpus_scores`, and the function (and command line) a user calls.
 
 # %%
-#| export translate
+#| export translation
 """Translation with a trained Transformer: Multi30k batches, checkpoints, decoding, translate() and a CLI."""
 import argparse
 import inspect
@@ -927,13 +928,13 @@ from typing import Callable, Sequence
 
 import torch
 
-from annotated_transformer.data import (BOS_IDX, EOS_IDX, PAD_IDX, _check_specials, _require, corpus_scores, decode,
-                                        encode, load_tokenizer)
+from annotated_transformer.data import (BOS_IDX, EOS_IDX, PAD_IDX, _check_specials, _require, corpus_scores,
+                                        decode_ids, encode_sentences, load_tokenizer)
 from annotated_transformer.model import Transformer, make_model
 from annotated_transformer.runtime import data_dir, resolve_device
 from annotated_transformer.train import Batch, batch_by_tokens
 
-CHECKPOINT_FORMAT = "annotated_transformer.translate/1"
+CHECKPOINT_FORMAT = "annotated_transformer.translate/1"  # the file format's name: older checkpoints still load
 
 
 def pad_batch(rows: Sequence[Sequence[int]], pad_idx: int = PAD_IDX) -> torch.Tensor:
@@ -953,7 +954,7 @@ def token_batches(src: Sequence[Sequence[int]], tgt: Sequence[Sequence[int]], ma
                   seed: int = 0, accum: int = 1, pad_idx: int = PAD_IDX) -> Callable[[int, int], Batch]:
     """get_batch(step, micro) for train.fit: length-bucketed batches of <= max_tokens padded tokens a side.
 
-    src rows end with </s>, tgt rows are <s> ... </s> (encode(..., bos=True)). Each epoch is bucketed
+    src rows end with </s>, tgt rows are <s> ... </s> (encode_sentences(..., bos=True)). Each epoch is bucketed
     afresh by batch_by_tokens with its own seed, and a batch depends on (step, micro) alone, so a
     resumed run sees the same batches. accum: micro-batches per step (TrainConfig.accum).
     get_batch.per_epoch is the number of batches in one pass over the data."""
@@ -1078,7 +1079,7 @@ def load_translator(checkpoint=None, tokenizer=None, device="cpu"):
     except Exception as err:  # truncated or not a torch file at all
         raise CheckpointError(f"cannot read the checkpoint {path}: {type(err).__name__}: {err}") from err
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a checkpoint written by annotated_transformer.translate.save_translator")
+        raise CheckpointError(f"{path} is not a checkpoint written by annotated_transformer.translation.save_translator")
     for field in ("config", "model"):
         if field not in state:
             raise CheckpointError(f"{path} lacks the field {field!r}")
@@ -1121,10 +1122,10 @@ def translate_ids(model: Transformer, src: Sequence[Sequence[int]], *, beam_size
                   length_penalty: float = 0.6, max_tokens: int = 8192, extra_len: int = 50) -> list[list[int]]:
     """Source ids (each ending in </s>) -> output ids (<s> ... </s>, no padding), in the input order.
 
-    beam_size=1 is greedy_decode, more is beam_search (annotated_transformer.decode). Sentences are
+    beam_size=1 is greedy_decode, more is beam_search (annotated_transformer.decoding). Sentences are
     decoded in length-sorted batches of about max_tokens source tokens times beam (few pads); each
     output may be src_len + extra_len tokens long (the paper's "input length + 50")."""
-    from annotated_transformer.decode import beam_search, greedy_decode
+    from annotated_transformer.decoding import beam_search, greedy_decode
 
     if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1:
         raise ValueError(f"beam_size must be a positive int, got {beam_size!r}")
@@ -1200,7 +1201,8 @@ def translate_sentences(model: Transformer, tokenizer, sentences: Sequence[str],
     out = [""] * len(sentences)
     todo = [i for i, s in enumerate(sentences) if s.strip()]
     if todo:
-        hyps = decode(tokenizer, translate_ids(model, encode(tokenizer, [sentences[i] for i in todo]), **kwargs))
+        src = encode_sentences(tokenizer, [sentences[i] for i in todo])
+        hyps = decode_ids(tokenizer, translate_ids(model, src, **kwargs))
         for i, hyp in zip(todo, hyps):
             out[i] = hyp
     return out
@@ -1227,8 +1229,8 @@ def translate(sentences: Sequence[str], checkpoint=None, tokenizer=None, *, beam
 
 
 def translate_main(argv=None) -> int:
-    """The command line: python -m annotated_transformer.translate "Ein Hund läuft im Schnee." """
-    p = argparse.ArgumentParser(prog="python -m annotated_transformer.translate",
+    """The command line: python -m annotated_transformer.translation "Ein Hund läuft im Schnee." """
+    p = argparse.ArgumentParser(prog="python -m annotated_transformer.translation",
                                 description="Translate German sentences into English with a trained checkpoint.")
     p.add_argument("sentences", nargs="*", help="German sentences (none: read standard input, one per line; "
                                                 "one output line per input line, a blank line for a blank line)")
@@ -1248,7 +1250,7 @@ def translate_main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__" and "__file__" in globals():  # `python -m annotated_transformer.translate`
+if __name__ == "__main__" and "__file__" in globals():  # `python -m annotated_transformer.translation`
     sys.exit(translate_main())
 
 # %% [markdown]
@@ -1331,8 +1333,8 @@ glue("quick_test", RUNS["quick"]["eval"][1])
 cfg = TrainConfig(steps=steps, warmup=warmup, factor=1.0, smoothing=0.1,
                   clip=1.0, amp=device.type == "cuda", seed=seed, log_every=20)
 
-train_src = encode(tokenizer, train_de)                 # x </s>
-train_tgt = encode(tokenizer, train_en, bos=True)       # <s> y </s>
+train_src = encode_sentences(tokenizer, train_de)                 # x </s>
+train_tgt = encode_sentences(tokenizer, train_en, bos=True)       # <s> y </s>
 keep = [i for i, (s, t) in enumerate(zip(train_src, train_tgt))
         if max_train_len is None or max(len(s), len(t)) <= max_train_len]
 get_batch = token_batches([train_src[i] for i in keep], [train_tgt[i] for i in keep], train_tokens, seed=seed)
@@ -1588,7 +1590,7 @@ examples_idx = sorted(range(len(test_pairs)), key=lambda i: len(test_pairs[i][0]
 fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
 for ax, i in zip(axes, examples_idx):
     de, en = test_pairs[i]
-    src = torch.tensor(encode(tokenizer, [de]), device=device)                      # (1, S)
+    src = torch.tensor(encode_sentences(tokenizer, [de]), device=device)                      # (1, S)
     out = torch.tensor(translate_ids(model, src.tolist(), beam_size=1), device=device)  # (1, T): <s> ... </s>
     tgt_in = out[:, :-1]
     src_mask, tgt_mask = make_masks(src, tgt_in, PAD_IDX)
@@ -1599,8 +1601,8 @@ for ax, i in zip(axes, examples_idx):
     ax.set_yticks(range(tgt_in.size(1)), [tokenizer.id_to_token(t) for t in out[0, 1:].tolist()], fontsize=8)
     ax.set_xlabel("German source token")
     ax.set_ylabel("predicted English token")
-    ax.set_title(decode(tokenizer, out)[0][:60], fontsize=9)
-    print(f"de:  {de}\nref: {en}\nout: {decode(tokenizer, out)[0]}\n")
+    ax.set_title(decode_ids(tokenizer, out)[0][:60], fontsize=9)
+    print(f"de:  {de}\nref: {en}\nout: {decode_ids(tokenizer, out)[0]}\n")
 plt.tight_layout()
 plt.show()
 
@@ -1723,14 +1725,14 @@ if not full_runs:
 # `translate` loads a checkpoint written by `save_translator` (by default the one this chapter just
 # saved) with the tokenizer stored in it, and translates a list of sentences, with beam search unless
 # told otherwise. This chapter defined it above; a user writes
-# `from annotated_transformer.translate import translate`:
+# `from annotated_transformer import translate`:
 
 # %%
 print(translate(["Ein Hund läuft im Schnee.", "Zwei Männer spielen Fußball auf einer Wiese."],
                 checkpoint=checkpoint_path, tokenizer=tokenizer_path))
 
 # %% [markdown]
-# The same from a shell, `python -m annotated_transformer.translate "…"` (sentences as arguments or
+# The same from a shell, `python -m annotated_transformer.translation "…"` (sentences as arguments or
 # one per line on standard input; `--beam 1` for greedy, `--checkpoint`, `--tokenizer`, `--device`).
 # It prints one line per input line, a blank line for a blank line, so output line $i$ always answers
 # input line $i$. Besides torch it needs only `pip install 'annotated-transformer[translate]'`
@@ -1741,7 +1743,7 @@ print(translate(["Ein Hund läuft im Schnee.", "Zwei Männer spielen Fußball au
 import subprocess
 import sys
 
-cli = [sys.executable, "-m", "annotated_transformer.translate"]
+cli = [sys.executable, "-m", "annotated_transformer.translation"]
 done = subprocess.run(cli + ["--checkpoint", os.path.relpath(checkpoint_path), "--beam", "1",
                              "Ein Hund läuft im Schnee."], capture_output=True, text=True)
 print("exit", done.returncode, "|", done.stdout.strip())
@@ -1755,12 +1757,12 @@ print("exit", done.returncode, "|", *[line for line in done.stderr.splitlines() 
 #   the cache or the official repository, with errors that say what is wrong where
 #   (`load_multi30k`, `locate_multi30k`).
 # * The vocabulary: one joint BPE tokenizer of {glue:text}`v8k` entries, chosen by measurement, saved as
-#   `tokenizer.json`, exact round trip on raw cased text (`train_tokenizer`, `encode`, `decode`).
+#   `tokenizer.json`, exact round trip on raw cased text (`train_tokenizer`, `encode_sentences`, `decode_ids`).
 # * The yardstick: sacreBLEU and chrF on detokenized, cased output with the signature printed
 #   (`corpus_scores`), and two model-free baselines a trained model has to beat (`trivial_baselines`).
 # * The model trained on it with the previous chapters' pieces (`token_batches`, `make_translator`,
 #   `fit`), decoded greedily and with beam search (`translate_ids`, `evaluate`), saved and reloaded
-#   (`save_translator`, `load_translator`), and used (`translate`, `python -m annotated_transformer.translate`).
+#   (`save_translator`, `load_translator`), and used (`translate`, `python -m annotated_transformer.translation`).
 #
 # What limits the numbers here is compute, not code: the quick profile trained for
 # {glue:text}`train_s` s on one CPU core and only has to show that the pipeline works end to end and beats the baselines. The

@@ -11,9 +11,9 @@ sys.path.insert(0, str(ROOT / "tools"))
 # the wheel in a fresh environment, the fault and pipeline tests.
 UNIT_FILES = {
     "test_attention.py", "test_multihead.py", "test_positional.py", "test_norm.py", "test_residual.py",
-    "test_model.py", "test_decode.py", "test_weighted_average.py", "test_bad_input.py", "test_numerics.py",
+    "test_model.py", "test_decoding.py", "test_weighted_average.py", "test_bad_input.py", "test_numerics.py",
     "test_determinism.py", "test_compile.py", "test_benchmarks.py", "test_train.py", "test_data.py",
-    "test_translate.py", "test_pretrained.py", "test_lint.py",
+    "test_translation.py", "test_pretrained.py", "test_lint.py",
 }
 NOT_UNIT = {  # in a unit file, but runs a chapter, a subprocess or a training run of seconds
     "test_chapter_01_is_deterministic",

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import annotated_transformer as at
-from annotated_transformer import attention, model, multihead, norm, positional, residual, train
+from annotated_transformer import (attention, data, decoding, model, multihead, norm, positional, pretrained, residual,
+                                   train, translation)
 
 
 def _mha():
@@ -73,8 +74,8 @@ CASES = [
      r"\[0, 11\)"),
     ("target id out of vocabulary", lambda: _tiny()(torch.tensor([[1, 2]]), torch.tensor([[1, 13]])), RuntimeError,
      r"\[0, 13\)"),
-    ("source id out of vocabulary, checked at the decoder's entry", lambda: __import__(
-        "annotated_transformer.decode").decode.greedy_decode(_tiny(), torch.tensor([[1, 11]]), 5, 1, 2),
+    ("source id out of vocabulary, checked at the decoder's entry", lambda: decoding.greedy_decode(
+        _tiny(), torch.tensor([[1, 11]]), 5, 1, 2),
      ValueError, r"src must lie in \[0, 11\).*from 1 to 11"),
     ("(batch, seq) padding mask when batch = q_len", lambda: _mha()(x3[:, :2], x3, x3,
                                                                   mask=torch.ones(2, 5, dtype=torch.bool)),
@@ -109,10 +110,10 @@ CASES = [
      ValueError, r"length 1"),
     # --- data, translation, pretrained (issue 15)
     ("load_multi30k unknown split", lambda: at.load_multi30k("dev"), ValueError, r"'dev'"),
-    ("load_captions unknown split", lambda: at.load_captions("dev"), ValueError, r"'dev'"),
-    ("translate(None)", lambda: __import__("annotated_transformer.translate", fromlist=["translate"]).translate(None),
+    ("load_captions unknown split", lambda: pretrained.load_captions("dev"), ValueError, r"'dev'"),
+    ("translate(None)", lambda: at.translate(None),
      TypeError, r"sentences.*NoneType"),
-    ("translate_sentences with a None", lambda: at.translate_sentences(None, None, ["Ein Hund.", None]), TypeError,
+    ("translate_sentences with a None", lambda: translation.translate_sentences(None, None, ["Ein Hund.", None]), TypeError,
      r"sentences\[1\].*NoneType"),
     ("load_translator on an unknown device", lambda: at.load_translator("absent.pt", device="tpu"), ValueError,
      r"unknown device 'tpu'"),
@@ -181,7 +182,7 @@ def test_checkpoint_from_another_configuration_is_refused(tmp_path):
 
 
 def test_missing_multi30k_says_where_it_looked(tmp_path):
-    with pytest.raises(at.Multi30kError, match=re.escape(str(tmp_path))):
+    with pytest.raises(data.Multi30kError, match=re.escape(str(tmp_path))):
         at.load_multi30k("train", root=tmp_path, download=False)
 
 
@@ -189,7 +190,7 @@ def test_truncated_multi30k_file_is_refused(tmp_path):
     for lang in ("de", "en"):
         with gzip.open(tmp_path / f"val.{lang}.gz", "wb") as f:
             f.write(b"ein satz\n" if lang == "de" else b"a sentence\n")
-    with pytest.raises(at.Multi30kError, match=r"val\.(de|en)\.gz"):
+    with pytest.raises(data.Multi30kError, match=r"val\.(de|en)\.gz"):
         at.load_multi30k("val", root=tmp_path, download=False)
 
 

@@ -6,7 +6,7 @@ fullgraph=True fails here on the CPU for any graph break a GPU run would hit.
 """
 import torch
 
-from annotated_transformer.decode import KVCache, decode_step
+from annotated_transformer.decoding import KVCache, decode_step
 from annotated_transformer.model import make_masks, make_model
 from annotated_transformer.train import LabelSmoothing
 

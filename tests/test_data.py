@@ -127,9 +127,9 @@ def test_without_a_mirror_only_the_cache_is_searched(tmp_path, monkeypatch):
     monkeypatch.setenv("ANNOTATED_TRANSFORMER_DATA", str(tmp_path / "cache"))
     assert data.shared_data_dir() is None
     assert data.multi30k_locations() == [tmp_path / "cache" / "multi30k"]
-    from annotated_transformer import pretrained, translate
+    from annotated_transformer import pretrained, translation
     assert pretrained.task2_locations() == [tmp_path / "cache" / "multi30k" / "task2"]
-    assert translate.default_checkpoint() == tmp_path / "cache" / "translation" / "model.pt"
+    assert translation.default_checkpoint() == tmp_path / "cache" / "translation" / "model.pt"
 
 
 @needs_shared
@@ -327,21 +327,21 @@ def test_special_token_ids(bpe):
 def test_roundtrip_of_raw_cased_text_with_umlauts(model):
     tok = data.train_tokenizer(CORPUS, 120, model, min_frequency=1)
     sentences = ["Ein Hund läuft im Schnee.", "Die Öfen sind heiß.", GERMAN[3]]
-    ids = data.encode(tok, sentences)
+    ids = data.encode_sentences(tok, sentences)
     assert all(x[-1] == data.EOS_IDX for x in ids)
-    assert data.decode(tok, ids) == sentences
+    assert data.decode_ids(tok, ids) == sentences
 
 
 def test_subwords_cover_unseen_words_made_of_seen_characters(bpe):
     sentences = ["Übergröße Äste schäumen", "Das Mädchenfahrrad ist weiß."]
-    ids = data.encode(bpe, sentences, eos=False)
+    ids = data.encode_sentences(bpe, sentences, eos=False)
     assert data.UNK_IDX not in sum(ids, [])
-    assert data.decode(bpe, ids) == sentences
+    assert data.decode_ids(bpe, ids) == sentences
 
 
 def test_word_level_loses_unseen_words():
     tok = data.train_tokenizer(CORPUS, 100, "word")
-    ids = data.encode(tok, ["Ein Hund schläft."], eos=False)[0]
+    ids = data.encode_sentences(tok, ["Ein Hund schläft."], eos=False)[0]
     assert data.UNK_IDX in ids
     assert data.tokenizer_stats(tok, ["Ein Hund schläft."])["roundtrip"] == 0.0
 
@@ -351,34 +351,34 @@ def test_word_level_loses_unseen_words():
 def test_bpe_roundtrip_property(bpe, words):
     """Any single-spaced text over characters seen in training decodes back exactly."""
     text = " ".join(words)
-    assert data.decode(bpe, data.encode(bpe, [text])) == [text]
+    assert data.decode_ids(bpe, data.encode_sentences(bpe, [text])) == [text]
 
 
 def test_unseen_characters_become_unk_and_are_dropped(bpe):
-    ids = data.encode(bpe, ["Hund, Hund!"], eos=False)[0]  # no "," or "!" in the training text
+    ids = data.encode_sentences(bpe, ["Hund, Hund!"], eos=False)[0]  # no "," or "!" in the training text
     assert ids.count(data.UNK_IDX) == 2
-    assert data.decode(bpe, [ids]) == ["Hund Hund"]
+    assert data.decode_ids(bpe, [ids]) == ["Hund Hund"]
 
 
-def test_encode_adds_bos_and_eos(bpe):
-    plain = data.encode(bpe, ["Ein Hund"], eos=False)[0]
-    assert data.encode(bpe, ["Ein Hund"], bos=True)[0] == [data.BOS_IDX] + plain + [data.EOS_IDX]
+def test_encode_sentences_adds_bos_and_eos(bpe):
+    plain = data.encode_sentences(bpe, ["Ein Hund"], eos=False)[0]
+    assert data.encode_sentences(bpe, ["Ein Hund"], bos=True)[0] == [data.BOS_IDX] + plain + [data.EOS_IDX]
 
 
-def test_decode_stops_at_eos_and_drops_padding(bpe):
-    rows = data.encode(bpe, ["Ein Hund läuft.", "Die Öfen"], bos=True)
+def test_decode_ids_stops_at_eos_and_drops_padding(bpe):
+    rows = data.encode_sentences(bpe, ["Ein Hund läuft.", "Die Öfen"], bos=True)
     width = max(len(r) for r in rows)
     batch = torch.tensor([r + [data.PAD_IDX] * (width - len(r)) for r in rows])  # (2, width)
-    assert data.decode(bpe, batch) == ["Ein Hund läuft.", "Die Öfen"]
-    garbage_after_eos = data.encode(bpe, ["Ein Hund"])[0] + data.encode(bpe, ["Öfen"], eos=False)[0]
-    assert data.decode(bpe, [garbage_after_eos]) == ["Ein Hund"]
+    assert data.decode_ids(bpe, batch) == ["Ein Hund läuft.", "Die Öfen"]
+    garbage_after_eos = data.encode_sentences(bpe, ["Ein Hund"])[0] + data.encode_sentences(bpe, ["Öfen"], eos=False)[0]
+    assert data.decode_ids(bpe, [garbage_after_eos]) == ["Ein Hund"]
 
 
-def test_encode_decode_refuse_unbatched_input(bpe):
+def test_encode_sentences_and_decode_ids_refuse_unbatched_input(bpe):
     with pytest.raises(TypeError, match="list of sentences"):
-        data.encode(bpe, "Ein Hund")
+        data.encode_sentences(bpe, "Ein Hund")
     with pytest.raises(TypeError, match="batch"):
-        data.decode(bpe, [5, 6, 7])
+        data.decode_ids(bpe, [5, 6, 7])
 
 
 def test_bpe_training_is_deterministic():
@@ -418,7 +418,7 @@ def test_train_tokenizer_errors(kwargs, error, match):
 def test_tokenizer_stats(bpe):
     stats = data.tokenizer_stats(bpe, GERMAN)
     assert stats["unk_rate"] == 0.0 and stats["roundtrip"] == 1.0
-    n = sum(len(x) for x in data.encode(bpe, GERMAN, eos=False))
+    n = sum(len(x) for x in data.encode_sentences(bpe, GERMAN, eos=False))
     assert stats["tokens_per_sentence"] == pytest.approx(n / len(GERMAN))
 
 

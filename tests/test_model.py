@@ -1,4 +1,4 @@
-"""annotated_transformer.model: the assembled Transformer, its masks, parameter counts and from_torch parity."""
+"""annotated_transformer.model: the assembled Transformer, its masks, parameter counts and stacks_from_torch parity."""
 import warnings
 
 import pytest
@@ -10,7 +10,7 @@ from torch import nn
 from annotated_transformer.attention import causal_mask
 from annotated_transformer.model import (
     Decoder, DecoderLayer, Embeddings, Encoder, EncoderLayer, Generator, Transformer, check_token_ids,
-    count_parameters, from_torch, make_masks, make_model,
+    count_parameters, make_masks, make_model, stacks_from_torch,
 )
 
 PAD = 0
@@ -22,12 +22,12 @@ def tiny(**kw):
     return make_model(**{**args, **kw}).eval()
 
 
-# --------------------------------------------------------------------------- from_torch parity
+# --------------------------------------------------------------------------- stacks_from_torch parity
 def _parity(norm_first, activation, d_model, h, d_ff, N, S, T, batch, seed):
     torch.manual_seed(seed)
     t = nn.Transformer(d_model, h, N, N, d_ff, dropout=0.1, activation=activation, batch_first=True,
                        norm_first=norm_first).eval()
-    ours = from_torch(t).eval()
+    ours = stacks_from_torch(t).eval()
     g = torch.Generator().manual_seed(seed)
     src, tgt = torch.randn(batch, S, d_model, generator=g), torch.randn(batch, T, d_model, generator=g)
     src_len = torch.randint(1, S + 1, (batch,), generator=g)
@@ -44,8 +44,8 @@ def _parity(norm_first, activation, d_model, h, d_ff, N, S, T, batch, seed):
         src_mask, tgt_mask = src_keep[:, None, None, :], tgt_keep[:, None, None, :] & causal
         mem_o = ours.encoder(src, src_mask)
         # feed torch's memory to our decoder too, so the decoder is compared on its own
-        out_o = ours.decoder(tgt, mem_t, src_mask, tgt_mask)
-        out_oo = ours.decoder(tgt, mem_o, src_mask, tgt_mask)
+        out_o = ours.decoder(tgt, mem_t, tgt_mask=tgt_mask, memory_mask=src_mask)
+        out_oo = ours.decoder(tgt, mem_o, tgt_mask, src_mask)                # torch's positional order
     assert (mem_o - mem_t)[src_keep].abs().max() < 1e-5
     # torch's decoder output at a padded *query* position is still defined (key padding only masks keys)
     assert (out_o - out_t).abs().max() < 1e-5
@@ -54,7 +54,7 @@ def _parity(norm_first, activation, d_model, h, d_ff, N, S, T, batch, seed):
 
 @pytest.mark.parametrize("norm_first", [False, True])
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
-def test_from_torch_parity_fixed(norm_first, activation):
+def test_stacks_from_torch_parity_fixed(norm_first, activation):
     _parity(norm_first, activation, d_model=32, h=4, d_ff=48, N=2, S=7, T=5, batch=3, seed=0)
 
 
@@ -62,22 +62,85 @@ def test_from_torch_parity_fixed(norm_first, activation):
 @given(norm_first=st.booleans(), activation=st.sampled_from(["relu", "gelu"]), h=st.sampled_from([1, 2, 4, 8]),
        d_k=st.integers(2, 8), d_ff=st.integers(4, 64), N=st.integers(1, 3), S=st.integers(1, 9),
        T=st.integers(1, 9), batch=st.integers(1, 4), seed=st.integers(0, 10_000))
-def test_from_torch_parity_random_configs(norm_first, activation, h, d_k, d_ff, N, S, T, batch, seed):
+def test_stacks_from_torch_parity_random_configs(norm_first, activation, h, d_k, d_ff, N, S, T, batch, seed):
     _parity(norm_first, activation, h * d_k, h, d_ff, N, S, T, batch, seed)
 
 
-def test_from_torch_copies_structure_and_refuses_bad_input():
+def test_stacks_from_torch_copies_structure_and_refuses_bad_input():
     t = nn.Transformer(16, 2, 2, 3, 24, batch_first=True, norm_first=True)
-    ours = from_torch(t)
+    ours = stacks_from_torch(t)
     assert len(ours.encoder.layers) == 2 and len(ours.decoder.layers) == 3
     assert ours.encoder.norm is not None and ours.decoder.norm is not None
-    assert not ours.encoder.layers[0].training or t.training
     with pytest.raises(ValueError, match="batch_first=True"):
-        from_torch(nn.Transformer(16, 2, 1, 1, 24, batch_first=False))
+        stacks_from_torch(nn.Transformer(16, 2, 1, 1, 24, batch_first=False))
     with pytest.raises(TypeError, match="torch.nn.Transformer"):
-        from_torch(nn.Linear(2, 2))
+        stacks_from_torch(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="ReLU and exact GELU"):
-        from_torch(nn.Transformer(16, 2, 1, 1, 24, batch_first=True, activation=nn.Tanh()))
+        stacks_from_torch(nn.Transformer(16, 2, 1, 1, 24, batch_first=True, activation=nn.Tanh()))
+
+
+def test_decoder_masks_go_where_torch_puts_them():
+    """(tgt, memory, tgt_mask, memory_mask) in torch's order. Source and target have the same length, so
+    the causal target mask and the padded source mask both broadcast to (batch, h, L, L): swapped, they
+    would run without an error and give other outputs. Checked against torch.nn.TransformerDecoder, by
+    position and by keyword, and the swap is shown to change the output."""
+    torch.manual_seed(0)
+    L, d_model = 6, 16
+    t = nn.Transformer(d_model, 2, 1, 2, 32, dropout=0.0, batch_first=True).eval()
+    dec = stacks_from_torch(t).decoder.eval()
+    tgt, memory = torch.randn(2, L, d_model), torch.randn(2, L, d_model)
+    src_keep = torch.ones(2, L, dtype=torch.bool)
+    src_keep[0, 2:] = False                                          # a padded source: 2 real tokens of 6
+    memory_mask, tgt_mask = src_keep[:, None, None, :], causal_mask(L)[None, None]
+    with torch.no_grad():
+        theirs = t.decoder(tgt, memory, tgt_mask=~causal_mask(L), memory_key_padding_mask=~src_keep)
+        positional = dec(tgt, memory, tgt_mask, memory_mask)
+        keyword = dec(tgt, memory, memory_mask=memory_mask, tgt_mask=tgt_mask)
+        swapped = dec(tgt, memory, memory_mask, tgt_mask)
+        layer_out, (w_self, w_cross) = dec.layers[0].forward_with_weights(tgt, memory, tgt_mask, memory_mask)
+    torch.testing.assert_close(positional, theirs, atol=1e-5, rtol=1e-5)
+    assert torch.equal(positional, keyword)
+    assert not torch.allclose(swapped, theirs, atol=1e-3)            # the swap is visible, not silent
+    assert torch.equal(w_self.triu(1), torch.zeros_like(w_self))      # self-attention got the causal mask
+    assert torch.equal(w_cross[0, :, :, 2:], torch.zeros(2, L, L - 2))  # cross-attention got the padding
+    assert torch.allclose(layer_out, dec.layers[0](tgt, memory, tgt_mask, memory_mask), atol=1e-6)
+
+
+def test_transformer_decode_passes_the_masks_in_the_decoders_order():
+    """Transformer.decode keeps harvardnlp's (memory, src_mask, tgt, tgt_mask); with equal lengths a swap
+    inside it would go unnoticed by shape checks, so compare with the decoder called by keyword."""
+    model = tiny()
+    src = torch.tensor([[5, 6, 7, PAD, PAD], [5, 6, 7, 8, 9]])
+    tgt = torch.tensor([[1, 4, 5, 6, 7], [1, 4, 5, 6, 7]])
+    src_mask, tgt_mask = make_masks(src, tgt, PAD)
+    with torch.no_grad():
+        memory = model.encode(src, src_mask)
+        x = model.pos_encoding(model.tgt_embed(tgt))
+        expected = model.decoder(x, memory, tgt_mask=tgt_mask, memory_mask=src_mask)
+        swapped = model.decoder(x, memory, tgt_mask=src_mask, memory_mask=tgt_mask)
+        assert torch.equal(model.decode(memory, src_mask, tgt, tgt_mask), expected)
+    assert not torch.allclose(swapped, expected, atol=1e-3)
+
+
+def test_forward_returns_one_type_and_forward_with_weights_adds_the_weights():
+    model = tiny()
+    src = torch.tensor([[5, 6, 7, PAD], [5, 6, 7, 8]])
+    tgt = torch.tensor([[1, 4, 5], [1, 4, 5]])
+    src_mask, tgt_mask = make_masks(src, tgt, PAD)
+    x = model.pos_encoding(model.src_embed(src))
+    with torch.no_grad():
+        for layer_or_stack, args in ((model.encoder.layers[0], (x, src_mask)), (model.encoder, (x, src_mask))):
+            out = layer_or_stack(*args)
+            assert isinstance(out, torch.Tensor)
+            out_w, weights = layer_or_stack.forward_with_weights(*args)
+            torch.testing.assert_close(out_w, out, atol=1e-6, rtol=1e-6)   # the explicit path, same result
+            assert weights is not None
+        memory = model.encode(src, src_mask)
+        y = model.pos_encoding(model.tgt_embed(tgt))
+        out = model.decoder(y, memory, tgt_mask, src_mask)
+        out_w, weights = model.decoder.forward_with_weights(y, memory, tgt_mask, src_mask)
+    assert isinstance(out, torch.Tensor) and len(weights) == 2 and len(weights[0]) == 2
+    torch.testing.assert_close(out_w, out, atol=1e-6, rtol=1e-6)
 
 
 # --------------------------------------------------------------------------- masks

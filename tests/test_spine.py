@@ -105,20 +105,77 @@ def test_the_book_flows_one_way():
 
 
 def test_public_api_is_importable():
-    import annotated_transformer as at
-
+    """The top level is the curated list, each name the object its module defines, visible to type checkers
+    through TYPE_CHECKING imports; every other public name says which module it lives in."""
+    import ast
     import importlib
 
+    import annotated_transformer as at
+
     exports = {p.stem: t for p, t in nb.render_exports().items() if p.name != "__init__.py"}
+    assert at.__all__ == nb.CURATED and 20 <= len(at.__all__) <= 30
+    homes = {}
     for module_name, text in exports.items():
         module = importlib.import_module(f"annotated_transformer.{module_name}")
+        assert getattr(at, module_name) is module                    # modules stay reachable by attribute
         names = re.search(r"^__all__ = (\[.*?\])$", text, re.M).group(1)
         for name in eval(names):  # the list literal the exporter wrote
-            if name in exports:  # a name equal to a module's name stays in its module
-                assert name not in at.__all__ and hasattr(module, name)
+            assert hasattr(module, name)
+            if name in exports:  # a name equal to a module's name: the attribute is the module
                 continue
-            assert getattr(at, name) is getattr(module, name), f"annotated_transformer.{name} is not exposed"
-    assert importlib.import_module("annotated_transformer.decode").__name__ == "annotated_transformer.decode"
+            homes[name] = module_name
+            if name in nb.CURATED:
+                assert getattr(at, name) is getattr(module, name), f"annotated_transformer.{name} is not exposed"
+            else:
+                with pytest.raises(AttributeError, match=re.escape(
+                        f"lives in annotated_transformer.{module_name}: "
+                        f"from annotated_transformer.{module_name} import {name}")):
+                    getattr(at, name)
+    # what an IDE or a type checker sees: the same names, imported from the modules that define them
+    tree = ast.parse((nb.PKG / "__init__.py").read_text())
+    block = next(n for n in tree.body if isinstance(n, ast.If) and getattr(n.test, "id", "") == "TYPE_CHECKING")
+    seen = {alias.name: node.module.split(".", 1)[1] for node in block.body for alias in node.names}
+    assert seen == {name: homes[name] for name in nb.CURATED}
+    with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
+        at.no_such_name
+
+
+def test_one_meaning_per_name():
+    """No module shares its name with a function (decode, translate) and no name has two homes."""
+    import importlib.util
+
+    for gone in ("decode", "translate"):
+        assert importlib.util.find_spec(f"annotated_transformer.{gone}") is None
+    import annotated_transformer as at
+
+    assert callable(at.translate) and at.translation.translate is at.translate
+    from annotated_transformer import data, model
+
+    assert not hasattr(data, "encode") and not hasattr(data, "decode") and not hasattr(model, "from_torch")
+    with pytest.raises(SystemExit, match="listed twice: fit"):
+        nb.render_init([("train", ["fit"])], curated=["fit", "fit"])
+    with pytest.raises(SystemExit, match="exported by no chapter: nowhere"):
+        nb.render_init([("train", ["fit"])], curated=["fit", "nowhere"])
+    with pytest.raises(SystemExit, match="'f' is exported by both a.py and b.py"):
+        nb.render_init([("a", ["f"]), ("b", ["f"])], curated=[])
+
+
+TOP_LEVEL_IMPORT = re.compile(r"^\s*from annotated_transformer import (?:\(([^)]*)\)|([\w, ]+))", re.M)
+
+
+def test_top_level_imports_name_only_curated_names():
+    """`from annotated_transformer import X` works for the curated names (and modules) only, so the book,
+    the tests and the docs import every other name from its module."""
+    modules = {p.stem for p in nb.PKG.glob("*.py")} - {"__init__"}
+    problems = []
+    for path in [*sorted((ROOT / "notebooks").glob("*.py")), *sorted((ROOT / "tests").glob("*.py")),
+                 *sorted((ROOT / "book").glob("*.md")), ROOT / "README.md", ROOT / "CONTRIBUTING.md"]:
+        for match in TOP_LEVEL_IMPORT.finditer(path.read_text()):
+            names = [n.strip() for n in (match.group(1) or match.group(2)).replace("\n", ",").split(",") if n.strip()]
+            bad = [n for n in names if n not in nb.CURATED and n not in modules]
+            if bad:
+                problems.append(f"{path.relative_to(ROOT)}: {', '.join(bad)}")
+    assert problems == []
 
 
 def run_tool(*args, timeout=300):

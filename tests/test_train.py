@@ -67,7 +67,7 @@ def test_fit_refuses_targets_outside_the_model_vocabulary():
 
 # --------------------------------------------------------------------------- label smoothing
 def test_label_smoothing_target_distribution():
-    crit = LabelSmoothing(6, padding_idx=0, smoothing=0.2)
+    crit = LabelSmoothing(6, pad_idx=0, smoothing=0.2)
     q = crit.target_distribution(torch.tensor([3, 0, 1]))
     assert torch.allclose(q[0], torch.tensor([0.0, 0.05, 0.05, 0.8, 0.05, 0.05]))
     assert torch.equal(q[1], torch.zeros(6))                         # a padding label: no target at all
@@ -77,7 +77,7 @@ def test_label_smoothing_target_distribution():
 
 def test_label_smoothing_is_kl_finite_and_ignores_padding():
     torch.manual_seed(0)
-    crit = LabelSmoothing(7, padding_idx=0, smoothing=0.1)
+    crit = LabelSmoothing(7, pad_idx=0, smoothing=0.1)
     logp = torch.log_softmax(torch.randn(2, 5, 7), -1)
     target = torch.tensor([[3, 4, 0, 0, 0], [1, 6, 2, 5, 0]])
     loss = crit(logp, target)
@@ -106,8 +106,8 @@ def test_label_smoothing_zero_is_nll_and_minimum_is_one_minus_eps():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(size=2, padding_idx=0), "at least 3"), (dict(size=5, padding_idx=5), "outside"),
-    (dict(size=5, padding_idx=0, smoothing=1.0), r"\[0, 1\)"),
+    (dict(vocab=2, pad_idx=0), "at least 3"), (dict(vocab=5, pad_idx=5), "outside"),
+    (dict(vocab=5, pad_idx=0, smoothing=1.0), r"\[0, 1\)"),
 ])
 def test_label_smoothing_bad_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -129,7 +129,7 @@ def test_label_smoothing_bad_input():
 def test_label_smoothing_reads_nothing_back_to_the_host():
     """No int(tensor)/.item() in the loss: it runs on meta tensors (which have no values to read) and
     torch.compile traces it as one graph (a host read is a graph break, refused by fullgraph=True)."""
-    crit = LabelSmoothing(7, padding_idx=0, smoothing=0.1)
+    crit = LabelSmoothing(7, pad_idx=0, smoothing=0.1)
     out = crit(torch.empty(2, 5, 7, device="meta"), torch.empty(2, 5, dtype=torch.long, device="meta"))
     assert out.shape == () and out.device.type == "meta"
     logp = torch.log_softmax(torch.randn(2, 5, 7), -1)

@@ -3,7 +3,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from annotated_transformer import QKVProjection, parameter_free_attention
+from annotated_transformer.weighted_average import QKVProjection, parameter_free_attention
 from annotated_transformer.weighted_average import weighted_average
 
 

@@ -72,5 +72,5 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     assert venv.resolve() in installed.parents and ROOT not in installed.parents, installed
     assert "usage: python -m annotated_transformer.train" in _run([py, "-m", "annotated_transformer.train", "--help"],
                                                                   away, env)
-    # a base install has no tokenizers: the translate CLI must still answer --help (it imports them lazily)
-    assert "usage:" in _run([py, "-m", "annotated_transformer.translate", "--help"], away, env)
+    # a base install has no tokenizers: the translation CLI must still answer --help (it imports them lazily)
+    assert "usage:" in _run([py, "-m", "annotated_transformer.translation", "--help"], away, env)

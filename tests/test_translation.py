@@ -1,4 +1,4 @@
-"""annotated_transformer.translate: batches, checkpoints, decoding, translate() and the command line.
+"""annotated_transformer.translation: batches, checkpoints, decoding, translate() and the command line.
 
 No network and no Multi30k: a tiny model is trained here, in a few seconds, to memorise five sentence
 pairs with a tokenizer trained on them; translate() must give those translations back."""
@@ -18,12 +18,13 @@ except ModuleNotFoundError:  # Python 3.10
 import pytest
 import torch
 
-from annotated_transformer.data import BOS_IDX, EOS_IDX, PAD_IDX, encode, save_tokenizer, train_tokenizer
+from annotated_transformer.data import BOS_IDX, EOS_IDX, PAD_IDX, encode_sentences, save_tokenizer, train_tokenizer
 from annotated_transformer.train import TrainConfig, fit
-import annotated_transformer.translate as translate_module
-from annotated_transformer.translate import (CHECKPOINT_FORMAT, average_states, default_checkpoint, evaluate, load_translator,
-                                             make_translator, pad_batch, save_translator, token_batches, translate,
-                                             translate_ids, translate_main, translate_sentences)
+import annotated_transformer.translation as translation
+from annotated_transformer.translation import (CHECKPOINT_FORMAT, average_states, default_checkpoint, evaluate,
+                                               load_translator, make_translator, pad_batch, save_translator,
+                                               token_batches, translate, translate_ids, translate_main,
+                                               translate_sentences)
 
 ROOT = Path(__file__).resolve().parents[1]
 GERMAN = ["Ein Hund läuft im Schnee.", "Zwei Mädchen überqueren eine große Straße.", "Die Öfen sind heiß.",
@@ -37,7 +38,7 @@ def trained(tmp_path_factory):
     """(model, tokenizer, checkpoint path, tokenizer path): a tiny model that has memorised the pairs."""
     torch.manual_seed(0)
     tok = train_tokenizer((GERMAN + ENGLISH) * 10, 150, "bpe", min_frequency=1)
-    src, tgt = encode(tok, GERMAN), encode(tok, ENGLISH, bos=True)
+    src, tgt = encode_sentences(tok, GERMAN), encode_sentences(tok, ENGLISH, bos=True)
     model = make_translator(tok.get_vocab_size(), N=1, d_model=64, d_ff=128, h=4, dropout=0.0, max_len=128)
     get_batch = token_batches(src, tgt, max_tokens=1000, seed=0)
     fit(model, get_batch, TrainConfig(steps=250, warmup=20, factor=1.0, smoothing=0.0, log_every=50), progress=False)
@@ -174,7 +175,7 @@ def test_load_translator_restores_the_same_weights(trained):
 
 def test_batched_decoding_keeps_the_input_order(trained):
     model, tok, _, _ = trained
-    src = encode(tok, GERMAN)
+    src = encode_sentences(tok, GERMAN)
     one_batch = translate_ids(model, src, beam_size=1)
     tiny_batches = translate_ids(model, src, beam_size=1, max_tokens=1)  # one sentence per batch
     assert one_batch == tiny_batches
@@ -257,7 +258,7 @@ def _set(d, key, value):
 def test_a_damaged_checkpoint_raises_one_clear_error(trained, tmp_path, capsys, edit, field):
     _, _, ckpt, _ = trained
     bad = damaged_copy(ckpt, tmp_path, edit)
-    with pytest.raises(translate_module.CheckpointError) as err:
+    with pytest.raises(translation.CheckpointError) as err:
         load_translator(bad)
     assert isinstance(err.value, ValueError)
     assert str(bad) in str(err.value) and field in str(err.value), str(err.value)
@@ -374,7 +375,7 @@ def test_blank_sentences_are_not_run_through_the_model(trained, monkeypatch):
         seen.append(len(src))
         return translate_ids(model, src, **kwargs)
 
-    monkeypatch.setattr(translate_module, "translate_ids", spy)
+    monkeypatch.setattr(translation, "translate_ids", spy)
     assert translate_sentences(model, tok, ["", GERMAN[0], " \t", GERMAN[3]], beam_size=1) == ["", ENGLISH[0], "", ENGLISH[3]]
     assert seen == [2]
     assert translate_sentences(model, tok, ["", "  "]) == ["", ""] and seen == [2]
@@ -389,30 +390,33 @@ def test_main_reports_a_missing_checkpoint(tmp_path, capsys):
 def test_python_dash_m_runs(trained):
     _, _, ckpt, _ = trained
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "annotated_transformer.translate", "--checkpoint", str(ckpt),
+    done = subprocess.run([sys.executable, "-m", "annotated_transformer.translation", "--checkpoint", str(ckpt),
                            "--beam", "2", GERMAN[4]], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == ENGLISH[4]
-    done = subprocess.run([sys.executable, "-m", "annotated_transformer.translate", "--checkpoint", "absent.pt", "x"],
+    done = subprocess.run([sys.executable, "-m", "annotated_transformer.translation", "--checkpoint", "absent.pt", "x"],
                           capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 2 and "no translation checkpoint at absent.pt" in done.stderr
 
 
 def test_module_and_function_names():
-    """`annotated_transformer.translate` is the module (so `python -m` and `import ... as` work); the user
-    function is `annotated_transformer.translate.translate`, and `python -m` prints no runpy warning."""
+    """`annotated_transformer.translation` is the module (`python -m annotated_transformer.translation`);
+    `annotated_transformer.translate` is the function, one meaning per name; `python -m` prints no runpy
+    warning."""
     import annotated_transformer
 
-    module = importlib.import_module("annotated_transformer.translate")
-    assert annotated_transformer.translate is module and callable(module.translate) and callable(module.translate_main)
-    done = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", "annotated_transformer.translate",
+    module = importlib.import_module("annotated_transformer.translation")
+    assert annotated_transformer.translate is module.translate and callable(module.translate_main)
+    assert annotated_transformer.translation is module
+    done = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", "annotated_transformer.translation",
                            "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "RuntimeWarning" not in done.stderr, done.stderr
+    assert "usage: python -m annotated_transformer.translation" in done.stdout
 
 
-# Runs `python -m annotated_transformer.translate` as if the `tokenizers` package were not installed.
-NO_TOKENIZERS = ("import runpy, sys; sys.modules['tokenizers'] = None; sys.argv[0] = 'translate'; "
-                 "runpy.run_module('annotated_transformer.translate', run_name='__main__', alter_sys=True)")
+# Runs `python -m annotated_transformer.translation` as if the `tokenizers` package were not installed.
+NO_TOKENIZERS = ("import runpy, sys; sys.modules['tokenizers'] = None; sys.argv[0] = 'translation'; "
+                 "runpy.run_module('annotated_transformer.translation', run_name='__main__', alter_sys=True)")
 
 
 def test_without_tokenizers_the_cli_names_the_extra(trained, tmp_path):

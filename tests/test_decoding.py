@@ -1,4 +1,4 @@
-"""annotated_transformer.decode: greedy decoding, beam search, and the decoder's KV cache."""
+"""annotated_transformer.decoding: greedy decoding, beam search, and the decoder's KV cache."""
 import itertools
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from annotated_transformer.attention import causal_mask, padding_mask
-from annotated_transformer.decode import KVCache, beam_search, decode_step, greedy_decode
+from annotated_transformer.decoding import KVCache, beam_search, decode_step, greedy_decode
 from annotated_transformer.model import make_model
 
 PAD, BOS, EOS = 0, 1, 2

@@ -14,13 +14,13 @@ from typing import Callable, Sequence
 
 import torch
 
-from annotated_transformer.data import (BOS_IDX, EOS_IDX, PAD_IDX, _check_specials, _require, corpus_scores, decode,
-                                        encode, load_tokenizer)
+from annotated_transformer.data import (BOS_IDX, EOS_IDX, PAD_IDX, _check_specials, _require, corpus_scores,
+                                        decode_ids, encode_sentences, load_tokenizer)
 from annotated_transformer.model import Transformer, make_model
 from annotated_transformer.runtime import data_dir, resolve_device
 from annotated_transformer.train import Batch, batch_by_tokens
 
-CHECKPOINT_FORMAT = "annotated_transformer.translate/1"
+CHECKPOINT_FORMAT = "annotated_transformer.translate/1"  # the file format's name: older checkpoints still load
 
 
 def pad_batch(rows: Sequence[Sequence[int]], pad_idx: int = PAD_IDX) -> torch.Tensor:
@@ -40,7 +40,7 @@ def token_batches(src: Sequence[Sequence[int]], tgt: Sequence[Sequence[int]], ma
                   seed: int = 0, accum: int = 1, pad_idx: int = PAD_IDX) -> Callable[[int, int], Batch]:
     """get_batch(step, micro) for train.fit: length-bucketed batches of <= max_tokens padded tokens a side.
 
-    src rows end with </s>, tgt rows are <s> ... </s> (encode(..., bos=True)). Each epoch is bucketed
+    src rows end with </s>, tgt rows are <s> ... </s> (encode_sentences(..., bos=True)). Each epoch is bucketed
     afresh by batch_by_tokens with its own seed, and a batch depends on (step, micro) alone, so a
     resumed run sees the same batches. accum: micro-batches per step (TrainConfig.accum).
     get_batch.per_epoch is the number of batches in one pass over the data."""
@@ -165,7 +165,7 @@ def load_translator(checkpoint=None, tokenizer=None, device="cpu"):
     except Exception as err:  # truncated or not a torch file at all
         raise CheckpointError(f"cannot read the checkpoint {path}: {type(err).__name__}: {err}") from err
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a checkpoint written by annotated_transformer.translate.save_translator")
+        raise CheckpointError(f"{path} is not a checkpoint written by annotated_transformer.translation.save_translator")
     for field in ("config", "model"):
         if field not in state:
             raise CheckpointError(f"{path} lacks the field {field!r}")
@@ -208,10 +208,10 @@ def translate_ids(model: Transformer, src: Sequence[Sequence[int]], *, beam_size
                   length_penalty: float = 0.6, max_tokens: int = 8192, extra_len: int = 50) -> list[list[int]]:
     """Source ids (each ending in </s>) -> output ids (<s> ... </s>, no padding), in the input order.
 
-    beam_size=1 is greedy_decode, more is beam_search (annotated_transformer.decode). Sentences are
+    beam_size=1 is greedy_decode, more is beam_search (annotated_transformer.decoding). Sentences are
     decoded in length-sorted batches of about max_tokens source tokens times beam (few pads); each
     output may be src_len + extra_len tokens long (the paper's "input length + 50")."""
-    from annotated_transformer.decode import beam_search, greedy_decode
+    from annotated_transformer.decoding import beam_search, greedy_decode
 
     if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1:
         raise ValueError(f"beam_size must be a positive int, got {beam_size!r}")
@@ -287,7 +287,8 @@ def translate_sentences(model: Transformer, tokenizer, sentences: Sequence[str],
     out = [""] * len(sentences)
     todo = [i for i, s in enumerate(sentences) if s.strip()]
     if todo:
-        hyps = decode(tokenizer, translate_ids(model, encode(tokenizer, [sentences[i] for i in todo]), **kwargs))
+        src = encode_sentences(tokenizer, [sentences[i] for i in todo])
+        hyps = decode_ids(tokenizer, translate_ids(model, src, **kwargs))
         for i, hyp in zip(todo, hyps):
             out[i] = hyp
     return out
@@ -314,8 +315,8 @@ def translate(sentences: Sequence[str], checkpoint=None, tokenizer=None, *, beam
 
 
 def translate_main(argv=None) -> int:
-    """The command line: python -m annotated_transformer.translate "Ein Hund läuft im Schnee." """
-    p = argparse.ArgumentParser(prog="python -m annotated_transformer.translate",
+    """The command line: python -m annotated_transformer.translation "Ein Hund läuft im Schnee." """
+    p = argparse.ArgumentParser(prog="python -m annotated_transformer.translation",
                                 description="Translate German sentences into English with a trained checkpoint.")
     p.add_argument("sentences", nargs="*", help="German sentences (none: read standard input, one per line; "
                                                 "one output line per input line, a blank line for a blank line)")
@@ -335,5 +336,5 @@ def translate_main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__" and "__file__" in globals():  # `python -m annotated_transformer.translate`
+if __name__ == "__main__" and "__file__" in globals():  # `python -m annotated_transformer.translation`
     sys.exit(translate_main())
