@@ -1493,8 +1493,20 @@ if profile == "quick" or compare_post_ln:
     del post_ln
 else:
     print("compare_post_ln=False: the post-LN run was not made in this (full) run")
+pre_row, post_row = norm_rows.get("pre-LN (norm_first=True)"), norm_rows.get("post-LN (norm_first=False)")
+glue("preln_bleu", pre_row["val_bleu"] if pre_row else "(not run)", ".2f" if pre_row else None)
+glue("postln_bleu", post_row["val_bleu"] if post_row else "(not run)", ".2f" if post_row else None)
+glue("preln_loss", pre_row["loss"] if pre_row else "(not run)", ".3f" if pre_row else None)
+glue("postln_loss", post_row["loss"] if post_row else "(not run)", ".3f" if post_row else None)
 
 # %% [markdown]
+# In this run, at the same budget, the pre-LN model ends with a training loss of
+# {glue:text}`preln_loss` and a validation BLEU of {glue:text}`preln_bleu`; the post-LN model with
+# {glue:text}`postln_loss` and {glue:text}`postln_bleu`. One seed and a short run make this a
+# measurement of these runs, not a law: it says what the norm placement did with this warm-up and
+# this budget. Telling a real difference from seed noise needs several seeds of each, which is the
+# business of an ablation at equal budget, not of this chapter.
+#
 # ### The record of the run
 #
 # The run writes its own record: scores, signatures, device, wall times and the full configuration.
