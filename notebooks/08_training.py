@@ -492,41 +492,48 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(path, model: nn.Module, optimizer, scheduler, step: int, fingerprint: dict,
-                    history=(), scaler=None) -> Path:
-    """Write a checkpoint atomically: to a unique temporary file in the same folder, fsync, os.replace.
+def atomic_save(obj, path, what: str = "file") -> Path:
+    """torch.save(obj) to path atomically: a unique temporary file in the same folder, fsync, os.replace.
 
-    On any failure (disk full, read-only folder, no permission) the temporary file is removed, the
-    previous checkpoint at path is left as it was, and an OSError naming path is raised.
+    Several processes may save to one path at once. On any failure (disk full, read-only folder, no
+    permission) the temporary file is removed, a previous file at path is left as it was, and an
+    OSError naming `what` and path is raised (same errno and subclass as the cause).
     """
     path = Path(path)
-    state = {
-        "format": "annotated_transformer.train/1", "step": step, "fingerprint": fingerprint,
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None, "history": list(history),
-    }
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint gets the mode any new file gets
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the file gets the mode any new file gets
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())  # the bytes are on the disk before the name points at them
-        os.replace(tmp, path)     # atomic: readers see the old checkpoint or the new one, never half of one
+        os.replace(tmp, path)     # atomic: readers see the old file or the new one, never half of one
         tmp = None
     except OSError as err:  # disk full, read-only folder, no permission, a file where the folder should be
         if err.errno is None:
-            raise OSError(f"could not write checkpoint {path}: {err}") from err
+            raise OSError(f"could not write {what} {path}: {err}") from err
         detail = str(err).replace(f"[Errno {err.errno}] ", "", 1)
-        raise OSError(err.errno, f"could not write checkpoint {path}: {detail}") from err  # keeps the subclass
-    finally:  # on any failure, the temporary file goes; the previous checkpoint was never touched
+        raise OSError(err.errno, f"could not write {what} {path}: {detail}") from err  # keeps the subclass
+    finally:  # on any failure, the temporary file goes; the previous file was never touched
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
     _fsync_dir(path.parent)
     return path
+
+
+def save_checkpoint(path, model: nn.Module, optimizer, scheduler, step: int, fingerprint: dict,
+                    history=(), scaler=None) -> Path:
+    """Write a checkpoint atomically (atomic_save): a crash, a full disk or a read-only folder leave the
+    previous checkpoint at path as it was, and raise an OSError naming path."""
+    state = {
+        "format": "annotated_transformer.train/1", "step": step, "fingerprint": fingerprint,
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None, "history": list(history),
+    }
+    return atomic_save(state, path, "checkpoint")
 
 
 def load_checkpoint(path, model: nn.Module, optimizer=None, scheduler=None, scaler=None,

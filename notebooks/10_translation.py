@@ -920,9 +920,7 @@ for name, pairs in (("val", val), ("test", test)):
 """Translation with a trained Transformer: Multi30k batches, checkpoints, decoding, translate() and a CLI."""
 import argparse
 import inspect
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -932,7 +930,7 @@ from annotated_transformer.data import (BOS_IDX, EOS_IDX, PAD_IDX, _check_specia
                                         decode_ids, encode_sentences, load_tokenizer)
 from annotated_transformer.model import Transformer, make_model
 from annotated_transformer.runtime import data_dir, resolve_device
-from annotated_transformer.train import Batch, batch_by_tokens
+from annotated_transformer.train import Batch, atomic_save, batch_by_tokens
 
 CHECKPOINT_FORMAT = "annotated_transformer.translate/1"  # the file format's name: older checkpoints still load
 
@@ -1001,21 +999,9 @@ def save_translator(path, model: Transformer, tokenizer=None, **meta) -> Path:
     and an existing `path` is left as it was."""
     if not getattr(model, "config", None):
         raise ValueError("the model has no .config: build it with make_model or make_translator")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {"format": CHECKPOINT_FORMAT, "config": dict(model.config), "model": model.state_dict(),
              "tokenizer": tokenizer.to_str() if tokenizer is not None else None, "meta": meta}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
-        os.chmod(tmp, 0o644)      # mkstemp makes the file private; a model file is readable like any other
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return path
+    return atomic_save(state, path, "translator")
 
 
 def default_checkpoint() -> Path:

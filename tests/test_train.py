@@ -493,3 +493,27 @@ def test_fit_reads_the_loss_back_once_per_log_line_not_once_per_step(monkeypatch
     monkeypatch.undo()
     assert reads == [5, 5] and items == []                            # two reads of five losses each
     assert [r["step"] for r in history] == list(range(1, 11)) and all(math.isfinite(r["loss"]) for r in history)
+
+
+def test_atomic_save_is_what_both_checkpoint_writers_use(tmp_path, monkeypatch):
+    """save_checkpoint and translation.save_translator share one atomic writer; its errors name the file."""
+    from annotated_transformer import train as train_module
+    from annotated_transformer.train import atomic_save
+
+    path = atomic_save({"x": torch.arange(3)}, tmp_path / "sub" / "obj.pt", "thing")
+    assert torch.equal(torch.load(path)["x"], torch.arange(3))
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(OSError, match=r"could not write thing .*file/obj\.pt"):
+        atomic_save({"x": 1}, blocker / "obj.pt", "thing")
+    calls = []
+    monkeypatch.setattr(train_module, "atomic_save", lambda obj, p, what="file": calls.append(what) or Path(p))
+    import annotated_transformer.translation as translation
+    monkeypatch.setattr(translation, "atomic_save", lambda obj, p, what="file": calls.append(what) or Path(p))
+    model = small_model()
+    train_module.save_checkpoint(tmp_path / "c.pt", model, torch.optim.Adam(model.parameters()),
+                                 torch.optim.lr_scheduler.LambdaLR(torch.optim.Adam(model.parameters()), lambda s: 1.0),
+                                 0, {})
+    translation.save_translator(tmp_path / "t.pt", model)
+    assert calls == ["checkpoint", "translator"]
+    assert not list(tmp_path.rglob("*.tmp"))

@@ -79,6 +79,7 @@ _ELSEWHERE = {  # public, but not at the top level
     'noam_rate': 'train',
     'NoamSchedule': 'train',
     'batch_by_tokens': 'train',
+    'atomic_save': 'train',
     'save_checkpoint': 'train',
     'load_checkpoint': 'train',
     'synthetic_pairs': 'train',
