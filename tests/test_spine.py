@@ -171,7 +171,8 @@ def test_top_level_imports_name_only_curated_names():
     for path in [*sorted((ROOT / "notebooks").glob("*.py")), *sorted((ROOT / "tests").glob("*.py")),
                  *sorted((ROOT / "book").glob("*.md")), ROOT / "README.md", ROOT / "CONTRIBUTING.md"]:
         for match in TOP_LEVEL_IMPORT.finditer(path.read_text()):
-            names = [n.strip() for n in (match.group(1) or match.group(2)).replace("\n", ",").split(",") if n.strip()]
+            names = [n.split(" as ")[0].strip() for n in (match.group(1) or match.group(2)).replace("\n", ",").split(",")
+                     if n.strip()]
             bad = [n for n in names if n not in nb.CURATED and n not in modules]
             if bad:
                 problems.append(f"{path.relative_to(ROOT)}: {', '.join(bad)}")

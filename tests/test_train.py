@@ -497,7 +497,7 @@ def test_fit_reads_the_loss_back_once_per_log_line_not_once_per_step(monkeypatch
 
 def test_atomic_save_is_what_both_checkpoint_writers_use(tmp_path, monkeypatch):
     """save_checkpoint and translation.save_translator share one atomic writer; its errors name the file."""
-    from annotated_transformer import train as train_module
+    import annotated_transformer.train as train_module
     from annotated_transformer.train import atomic_save
 
     path = atomic_save({"x": torch.arange(3)}, tmp_path / "sub" / "obj.pt", "thing")
