@@ -50,3 +50,20 @@ def test_defaults_and_unknown_parameters(tmp_path):
     assert bad.returncode != 0 and "profle" in bad.stderr
     malformed = run(tmp_path, "full")
     assert malformed.returncode != 0 and "name=value" in malformed.stderr
+
+
+def test_a_cell_list_runs_where_jupytext_is_missing(tmp_path):
+    """The lent GPU machine has no jupytext: the cells are listed here (by jupytext) and run there."""
+    src = tmp_path / "01_chapter.py"
+    src.write_text(CHAPTER)
+    listed = tmp_path / "cells" / "01_chapter.json"
+    made = subprocess.run([sys.executable, str(TOOL), "--cells", str(src), str(listed)], capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    no_jupytext = ("import runpy, sys; sys.modules['jupytext'] = None; "
+                   f"sys.argv = [{str(TOOL)!r}, {str(listed)!r}, 'profile=full']; "
+                   f"runpy.run_path({str(TOOL)!r}, run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", no_jupytext], capture_output=True, text=True, timeout=120,
+                          env={"FIGURES_DIR": str(tmp_path / "fig"), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    assert "profile=full budget=None main=True" in done.stdout
+    assert "markdown must not run" not in done.stdout + done.stderr

@@ -16,6 +16,8 @@
 #   head -c 45434188 $M/model.safetensors > .devcarry/part1; tail -c +45434189 $M/model.safetensors > .devcarry2/part2
 #   (cd $M && tar cf - --exclude=model.safetensors .) | (cd .devcarry2/minilm && tar xf -)
 #   sha256sum $M/model.safetensors | cut -d' ' -f1 > .devcarry2/model.sha256
+# and the chapters' cell lists (that machine has no jupytext to read the percent format):
+#   for c in 10_translation 11_transfer_learning; do python tools/run_plain.py --cells notebooks/$c.py .devcarry/cells/$c.json; done
 set -u -o pipefail
 OUT=${OUT:-build/device-out}
 mkdir -p "$OUT"
@@ -26,7 +28,7 @@ python3 -c "import torch, sacrebleu, tokenizers, sys; print(sys.version.split()[
 
 case "${1:-}" in
 translation)
-    FIGURES_DIR=/tmp/fig10 python3 tools/run_plain.py notebooks/10_translation.py profile=full device=cuda \
+    FIGURES_DIR=/tmp/fig10 python3 tools/run_plain.py .devcarry/cells/10_translation.json profile=full device=cuda \
         budget_minutes="${2:-12}" 2>&1 | tee "$OUT/ch10-full.log" | grep -v '^\[run_plain\]'
     rc=$?
     cp results/translation-full-cuda.json "$OUT/" 2>/dev/null
@@ -41,7 +43,7 @@ transfer)
     cp -r .devcarry2/minilm/. "$site/model/"
     cat .devcarry/part1 .devcarry2/part2 > "$site/model/model.safetensors"
     echo "$(cat .devcarry2/model.sha256)  $site/model/model.safetensors" | sha256sum -c - || exit 3
-    FIGURES_DIR=/tmp/fig11 python3 tools/run_plain.py notebooks/11_transfer_learning.py profile=full device=cuda \
+    FIGURES_DIR=/tmp/fig11 python3 tools/run_plain.py .devcarry/cells/11_transfer_learning.json profile=full device=cuda \
         2>&1 | tee "$OUT/ch11-full.log" | grep -v '^\[run_plain\]'
     rc=$?
     cp results/transfer-full.json "$OUT/" 2>/dev/null

@@ -10,7 +10,7 @@
 #      torch.nn.Transformer eager and compiled, MFU against the datasheet and the measured peak,
 #      greedy decoding uncached / cached / CUDA graph at 64 and 256 tokens    -> benchmarks-gpu-cuda.json
 #   3. the translation speed run (chapter 10, profile=full speedrun=True: 120 s of training), only when
-#      the Multi30k copy was carried in .devcarry/data/multi30k (see tools/device_full.sh)
+#      the Multi30k copy and chapter 10's cell list were carried in .devcarry (see tools/device_full.sh)
 #                                                                           -> translation-speedrun-cuda.json
 # Each part has its own time limit so one failure still leaves the others' records.
 set -u -o pipefail
@@ -25,7 +25,7 @@ timeout "${BENCH_SECONDS:-300}" python3 benchmarks/run.py --profile gpu --device
     --out "$OUT/benchmarks-gpu-cuda.json" 2>&1 | tee "$OUT/bench.log" | tail -20
 if [ -d .devcarry/data/multi30k ]; then
     ANNOTATED_TRANSFORMER_SHARED_DATA="$PWD/.devcarry/data" FIGURES_DIR=/tmp/fig10 timeout "${SPEEDRUN_SECONDS:-280}" \
-        python3 tools/run_plain.py notebooks/10_translation.py profile=full device=cuda speedrun=True \
+        python3 tools/run_plain.py .devcarry/cells/10_translation.json profile=full device=cuda speedrun=True \
         budget_minutes="${1:-2}" 2>&1 | tee "$OUT/ch10-speedrun.log" | grep -v '^\[run_plain\]' | tail -30
     cp results/translation-speedrun-cuda.json "$OUT/" 2>/dev/null
 else

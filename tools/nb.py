@@ -456,9 +456,13 @@ def cmd_lines(_args) -> int:
 
 
 def write_pair(src: Path, executed=None) -> Path:
-    """Write src's .ipynb: the source's cells, with outputs from `executed` (or the old pair)."""
+    """Write src's .ipynb by jupytext's own pairing (`jupytext.combine`, what `jupytext --update` does): the
+    source's cells, with the outputs of `executed` (or of the old pair) for the cells that match."""
+    import copy
+
     import jupytext
     import nbformat
+    from jupytext.combine import combine_inputs_with_outputs
 
     nb = read(src)
     target = src.with_suffix(".ipynb")
@@ -466,24 +470,24 @@ def write_pair(src: Path, executed=None) -> Path:
     if old is None and target.exists():
         old = nbformat.read(target, as_version=4)
     if old is not None:
-        cells = [c for c in old.cells if "injected-parameters" not in c.metadata.get("tags", [])]
-        by_source = {}
-        for c in cells:
-            if c.cell_type == "code":
-                by_source.setdefault(c.source.strip(), []).append(c)
+        old = copy.deepcopy(old)
+        old.cells = [c for c in old.cells if "injected-parameters" not in c.metadata.get("tags", [])]
+        for c in old.cells:  # the source's tags win: drop the executed copy's (papermill adds empty ones)
+            c.metadata.pop("tags", None)
+        nb = combine_inputs_with_outputs(nb, old, fmt="py:percent")
+        # jupytext keeps the outputs of a cell whose code was edited; outputs of code that no longer
+        # exists would be stale numbers in the book, so those are dropped (the chapter must be re-stored)
+        ran = {c.source.strip() for c in old.cells if c.cell_type == "code"}
         for cell in nb.cells:
-            if cell.cell_type == "code":
-                match = by_source.get(cell.source.strip())
-                if match:
-                    donor = match.pop(0)
-                    cell.outputs = donor.get("outputs", [])
-                    cell.execution_count = donor.get("execution_count")
+            if cell.cell_type == "code" and cell.source.strip() not in ran:
+                cell.outputs, cell.execution_count = [], None
     strip_progress(nb)
     for i, cell in enumerate(nb.cells):
         cell.metadata.pop("papermill", None)
         cell.metadata.pop("execution", None)
         cell["id"] = f"cell-{i:03d}"  # stable ids: no churn in the .ipynb diffs
     nb.metadata.pop("papermill", None)
+    nb.metadata.pop("language_info", None)  # the executing interpreter's version: churn, not content
     nb.metadata.setdefault("kernelspec", {"name": "python3", "display_name": "Python 3", "language": "python"})
     jupytext.write(nb, target, fmt="ipynb")
     return target
@@ -543,20 +547,18 @@ def run_one(src: Path, out_dir: Path, params: dict) -> dict:
         )
         report["ok"] = True
     except pm.PapermillExecutionError as err:
-        # Papermill adds cells (injected parameters, an error banner): count only the chapter's own.
-        added = {"injected-parameters", "papermill-error-cell-tag"}
-        own = [c for c in nbformat.read(executed, as_version=4).cells
-               if not added & set(c.metadata.get("tags", []))]
-        failing = [i for i, c in enumerate(own)
-                   if any(o.get("output_type") == "error" for o in c.get("outputs", []))]
-        index = failing[0] if failing else None
-        source = own[index].source.strip() if index is not None else ""
-        first = source.splitlines()[0] if source else ""
+        # papermill names the failing cell (err.cell_index, err.source, err.ename, err.evalue); its index
+        # is in the executed notebook before the error banners were added, and counts the injected
+        # parameters cell, which the chapter's source does not have
+        ran = [c for c in nbformat.read(executed, as_version=4).cells
+               if "papermill-error-cell-tag" not in c.metadata.get("tags", [])]
+        index = sum(1 for c in ran[:err.cell_index] if "injected-parameters" not in c.metadata.get("tags", []))
+        lines = err.source.strip().splitlines()
         report["error"] = {
-            "cell": index + 1 if index is not None else None,  # 1-based, in the chapter's source
-            "cells": len(own),
+            "cell": index + 1,  # 1-based, in the chapter's source
+            "cells": len(nb.cells),
             "execution_count": err.exec_count,
-            "cell_first_line": first,
+            "cell_first_line": lines[0] if lines else "",
             "ename": err.ename,
             "evalue": err.evalue,
         }

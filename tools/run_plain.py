@@ -6,34 +6,40 @@ given here assigned right after the `parameters` cell, as papermill would inject
 saved as PNG files instead of shown. The book itself is always built with papermill (tools/nb.py).
 
     python tools/run_plain.py notebooks/10_translation.py profile=full device=cuda budget_minutes=4
+
+The cells are read by jupytext, the one parser of the percent format the project uses. A machine
+without jupytext runs a cell list made here beforehand (plain JSON, read with the standard library):
+
+    python tools/run_plain.py --cells notebooks/10_translation.py .devcarry/cells/10_translation.json
+    python3 tools/run_plain.py .devcarry/cells/10_translation.json profile=full device=cuda
 """
 from __future__ import annotations
 
 import ast
+import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CELL = re.compile(r"^# %%(.*)$")
 
 
-def cells(source: str) -> list[tuple[str, str]]:
-    """[(header, body)] for each `# %%` cell; markdown cells are skipped by the caller."""
-    out, header, body = [], None, []
-    for line in source.splitlines():
-        m = CELL.match(line)
-        if m:
-            if header is not None:
-                out.append((header, "\n".join(body)))
-            header, body = m.group(1), []
-        elif header is not None:
-            body.append(line)
-    if header is not None:
-        out.append((header, "\n".join(body)))
-    return out
+def cells(path: Path) -> tuple[str, list[tuple[list[str], str]]]:
+    """(chapter name, [(tags, source)] of its code cells): from jupytext, or from a --cells JSON file."""
+    if path.suffix == ".json":
+        made = json.loads(path.read_text())
+        return made["chapter"], [(c["tags"], c["source"]) for c in made["cells"]]
+    import jupytext
+
+    notebook = jupytext.read(path)
+    return path.name, [(list(c.metadata.get("tags", [])), c.source) for c in notebook.cells if c.cell_type == "code"]
+
+
+def write_cells(src: Path, target: Path) -> None:
+    name, code = cells(src)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps({"chapter": name, "cells": [{"tags": t, "source": s} for t, s in code]}, indent=1))
 
 
 def parse_params(items: list[str]) -> dict:
@@ -52,16 +58,21 @@ def parse_params(items: list[str]) -> dict:
 def main(argv: list[str]) -> int:
     if not argv:
         raise SystemExit(__doc__)
+    if argv[0] == "--cells":
+        if len(argv) != 3:
+            raise SystemExit("usage: run_plain.py --cells CHAPTER.py TARGET.json")
+        write_cells(Path(argv[1]), Path(argv[2]))
+        return 0
     path, params = Path(argv[0]), parse_params(argv[1:])
-    code = [(h, b) for h, b in cells(path.read_text()) if "[markdown]" not in h]
-    if not any('tags=["parameters"]' in h for h, _ in code):
+    chapter, code = cells(path)
+    if not any("parameters" in tags for tags, _ in code):
         raise SystemExit(f"error: {path} has no cell tagged parameters")
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figures = Path(os.environ.get("FIGURES_DIR", ROOT / "build" / "plain" / path.stem)).resolve()
+    figures = Path(os.environ.get("FIGURES_DIR", ROOT / "build" / "plain" / Path(chapter).stem)).resolve()
     figures.mkdir(parents=True, exist_ok=True)
     shown = [0]
 
@@ -73,15 +84,15 @@ def main(argv: list[str]) -> int:
 
     plt.show = show
     sys.path.insert(0, str(ROOT / "src"))
-    os.chdir(path.resolve().parent)  # papermill runs chapters from notebooks/
+    os.chdir(path.resolve().parent if path.suffix == ".py" else ROOT / "notebooks")  # papermill runs chapters there
     namespace = {"__name__": "__main__"}
     start = time.perf_counter()
-    for i, (header, body) in enumerate(code, 1):
-        exec(compile(body, f"{path.name}[cell {i}]", "exec"), namespace)
-        if 'tags=["parameters"]' in header:
+    for i, (tags, body) in enumerate(code, 1):
+        exec(compile(body, f"{chapter}[cell {i}]", "exec"), namespace)
+        if "parameters" in tags:
             unknown = set(params) - set(namespace)
             if unknown:
-                raise SystemExit(f"error: {sorted(unknown)} are not parameters of {path.name}")
+                raise SystemExit(f"error: {sorted(unknown)} are not parameters of {chapter}")
             namespace.update(params)
         print(f"[run_plain] cell {i}/{len(code)} done at {time.perf_counter() - start:.1f} s",
               file=sys.stderr, flush=True)
