@@ -74,7 +74,7 @@ def show_errors(calls: dict) -> None:
         try:
             call()
             print(f"{name}: no error")
-        except (TypeError, ValueError) as err:
+        except (TypeError, ValueError, RuntimeError) as err:  # RuntimeError: a check run on the device
             print(f"{name}: {type(err).__name__}: {err}")
 
 # %% [markdown]
@@ -413,4 +413,25 @@ show_errors({
     "FFN input of the wrong width": lambda: ffn(torch.randn(2, 5, 8)),
     "an unknown activation": lambda: PositionwiseFeedForward(16, 32, activation="tanh"),
     "dropout above 1": lambda: SublayerConnection(16, dropout=1.5),
+})
+
+# %% [markdown]
+# ## Chapter 7: the whole model
+#
+# [Chapter 7](07_the_transformer.ipynb)'s `make_model` and `Transformer` check what the layers cannot
+# see on their own, and each error names the sizes that disagree: the paper's tie with two
+# vocabularies of different sizes, a sequence longer than the positional table, and an id outside the
+# vocabulary (here a target id fed to the smaller source side, a classic swapped-arguments bug). Inside
+# `forward` the id check runs on the device, without a host synchronisation; the public entry points
+# (`check_token_ids`, called by the decoders and the training batches) check once on the host.
+
+# %% tags=["nbval-check-output"]
+from annotated_transformer.model import check_token_ids, make_model
+
+short = make_model(src_vocab=11, tgt_vocab=13, N=1, d_model=32, d_ff=64, h=4, max_len=16)
+show_errors({
+    "tied vocabularies of different sizes": lambda: make_model(src_vocab=8000, tgt_vocab=6000, share_embeddings=True),
+    "longer than the positional table": lambda: short.encode(torch.randint(3, 11, (1, 20))),
+    "out of vocabulary (inside forward, on the device)": lambda: short.encode(torch.tensor([[3, 12]])),
+    "out of vocabulary (an entry point's host check)": lambda: check_token_ids(torch.tensor([[3, 12]]), 11, "src"),
 })
