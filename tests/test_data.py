@@ -127,8 +127,8 @@ def test_without_a_mirror_only_the_cache_is_searched(tmp_path, monkeypatch):
     monkeypatch.setenv("ANNOTATED_TRANSFORMER_DATA", str(tmp_path / "cache"))
     assert data.shared_data_dir() is None
     assert data.multi30k_locations() == [tmp_path / "cache" / "multi30k"]
-    from annotated_transformer import pretrained, translation
-    assert pretrained.task2_locations() == [tmp_path / "cache" / "multi30k" / "task2"]
+    from annotated_transformer import captions, translation
+    assert captions.task2_locations() == [tmp_path / "cache" / "multi30k" / "task2"]
     assert translation.default_checkpoint() == tmp_path / "cache" / "translation" / "model.pt"
 
 

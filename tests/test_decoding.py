@@ -69,16 +69,25 @@ def test_static_cache_writes_in_place_and_refuses_to_overflow():
             decode_step(model, torch.full((5,), BOS), cache, src_mask)
 
 
-def test_cache_reorder_moves_rows():
+@pytest.mark.parametrize("static", [False, True])
+def test_a_reordered_cache_continues_the_reordered_hypotheses(static):
+    """Beam search's reorder: the step after it is the step of a cache that was built on the reordered rows."""
     model = random_model().eval()
-    src = sources()
-    src_mask = padding_mask(src, PAD)
+    src = sources()[:1].repeat(5, 1)                 # five beams of one source share its memory, as in beam search
+    index, first, second = torch.tensor([2, 2, 0, 1, 4]), torch.arange(3, 8), torch.arange(8, 13)
     with torch.no_grad():
-        cache = KVCache(model, model.encode(src, src_mask), capacity=4)
-        decode_step(model, torch.arange(3, 8), cache, src_mask)
-        before = cache.self_k[1].clone()
-        cache.reorder(torch.tensor([2, 2, 0, 1, 4]))
-    assert torch.equal(cache.self_k[1], before[[2, 2, 0, 1, 4]])
+        src_mask = padding_mask(src, PAD)
+        memory = model.encode(src, src_mask)
+        moved, fresh, stale = (KVCache(model, memory, capacity=4, static=static) for _ in range(3))
+        decode_step(model, first, moved, src_mask)
+        decode_step(model, first, stale, src_mask)
+        decode_step(model, first[index], fresh, src_mask)
+        moved.reorder(index)
+        want = decode_step(model, second, fresh, src_mask)
+        torch.testing.assert_close(decode_step(model, second, moved, src_mask), want)
+        assert not torch.allclose(decode_step(model, second, stale, src_mask)[:3], want[:3])  # the rows index moved
+        with pytest.raises(ValueError, match=r"one row index per cached row \(5\), got shape \(2,\)"):
+            moved.reorder(torch.tensor([0, 1]))
 
 
 def test_cached_step_compiles_without_a_graph_break():
@@ -213,13 +222,14 @@ def test_wide_beam_finds_the_exhaustive_optimum(alpha):
 
 
 def test_length_penalty_changes_the_choice_towards_longer_outputs():
+    """alpha = 0 ranks by the raw log P, which favours short outputs; a large alpha divides long ones by more."""
     model = random_model(5, vocab=6)
     src = sources(5, vocab=6)
     lengths = {}
     for alpha in (0.0, 5.0):
         out = beam_search(model, src, 12, BOS, EOS, PAD, beam_size=6, length_penalty=alpha)
-        lengths[alpha] = (out != PAD).sum().item()
-    assert lengths[5.0] >= lengths[0.0]
+        lengths[alpha] = (out != PAD).sum(1)
+    assert (lengths[5.0] >= lengths[0.0]).all() and lengths[5.0].sum() > lengths[0.0].sum(), lengths
 
 
 def test_decoding_restores_training_mode():
@@ -234,13 +244,16 @@ def test_decoding_restores_training_mode():
 
 # --------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("call, error, match", [
-    (lambda m, s: greedy_decode(m, s.float(), 5, BOS, EOS), ValueError, "integer tensor of token ids"),
-    (lambda m, s: greedy_decode(m, s[0], 5, BOS, EOS), ValueError, r"shape \(batch, src_len\)"),
+    (lambda m, s: greedy_decode(m, s.float(), 5, BOS, EOS), TypeError, "src must be an integer tensor"),
+    (lambda m, s: greedy_decode(m, s[0], 5, BOS, EOS), ValueError, r"src must have shape \(batch, seq\)"),
+    (lambda m, s: greedy_decode(m, s[:0], 5, BOS, EOS), ValueError, r"batch >= 1 and seq >= 1"),
     (lambda m, s: greedy_decode(m, s, 1, BOS, EOS), ValueError, r"max_len .* \[2, 30\]"),
     (lambda m, s: beam_search(m, s, 31, BOS, EOS), ValueError, "positional table has 30 positions"),
-    (lambda m, s: greedy_decode(m, s, 5, BOS, 20), ValueError, "eos_idx=20 is not an id of the target vocabulary of 20"),
+    (lambda m, s: greedy_decode(m, s, 5, BOS, 20), ValueError,
+     "eos_idx must be an id of the target vocabulary of 20, got 20"),
     (lambda m, s: greedy_decode(m, s, 5, BOS, EOS, pad_idx=EOS), ValueError, "must differ"),
-    (lambda m, s: beam_search(m, s, 5, BOS, EOS, beam_size=0), ValueError, "beam_size"),
+    (lambda m, s: greedy_decode(m, s, 5, True, EOS), ValueError, "bos_idx must be an id .* got True"),
+    (lambda m, s: beam_search(m, s, 5, BOS, EOS, beam_size=0), ValueError, "beam_size must be a positive int, got 0"),
     (lambda m, s: beam_search(m, s, 5, BOS, EOS, length_penalty=-1.0), ValueError, "length_penalty"),
     (lambda m, s: greedy_decode(torch.nn.Linear(2, 2), s, 5, BOS, EOS), TypeError, "Transformer"),
     (lambda m, s: greedy_decode(m, s + 20, 5, BOS, EOS), ValueError, r"\[0, 20\)"),

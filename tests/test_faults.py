@@ -1,5 +1,5 @@
 """Faults a long training run meets: a kill -9 mid-run, a kill -9 mid-checkpoint-write, a full disk, a
-folder it may not write. The claims under test (training chapter, section 5): a checkpoint on disk is
+folder it may not write. The claims under test (the training chapter and the appendix Training at scale): a checkpoint on disk is
 always a whole one, a failed save says which file and leaves the previous one intact with no
 temporary file behind, and a run resumed after any kill ends with bit-identical weights.
 
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from annotated_transformer import train
+from annotated_transformer import checkpoint, train
 from annotated_transformer.model import make_model
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -102,7 +102,7 @@ def test_kill_9_during_training_then_resume_is_bit_identical(tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=60)
         assert proc.returncode == -signal.SIGKILL, "the run ended by itself before the kill"
-        state = train.load_checkpoint(ckpt, _tiny())  # never partial: it loads, whole, at a checkpoint step
+        state = checkpoint.load_checkpoint(ckpt, _tiny())  # never partial: it loads, whole, at a checkpoint step
         assert state["step"] % EVERY == 0 and step < state["step"] <= STEPS and len(state["history"]) == state["step"]
         _strays(run, "ck.pt")
         step = state["step"]
@@ -126,7 +126,8 @@ _BIG = "make_model(2000, 2000, N=1, d_model=256, d_ff=1024, h=4, dropout=0.0)"
 _SAVER = textwrap.dedent(f"""
     import sys, torch
     from annotated_transformer.model import make_model
-    from annotated_transformer.train import NoamSchedule, save_checkpoint
+    from annotated_transformer.checkpoint import save_checkpoint
+    from annotated_transformer.train import NoamSchedule
     torch.manual_seed(0)
     model = {_BIG}
     opt = torch.optim.Adam(model.parameters(), lr=1.0)
@@ -161,7 +162,7 @@ def _saver(path: Path, start: int, mode: str = "loop") -> subprocess.Popen:
 
 
 def _check_whole(path: Path, model, at_least: int) -> int:
-    state = train.load_checkpoint(path, model, fingerprint={"saver": 1})
+    state = checkpoint.load_checkpoint(path, model, fingerprint={"saver": 1})
     step = state["step"]
     assert step >= at_least and torch.equal(next(model.parameters()), torch.full_like(next(model.parameters()), step))
     return step
@@ -193,7 +194,7 @@ def test_kill_9_during_checkpoint_writes_never_leaves_a_partial_checkpoint(tmp_p
     half = [tmp_path / s for s in set(_strays(tmp_path, "ck.pt")) - strays_before]
     assert len(half) == 1 and 0 < half[0].stat().st_size < path.stat().st_size
     with pytest.raises(ValueError, match="not a readable checkpoint"):
-        train.load_checkpoint(half[0], model)            # a stray is never taken for a checkpoint...
+        checkpoint.load_checkpoint(half[0], model)            # a stray is never taken for a checkpoint...
     assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["ck.pt"]   # ...nor found by a *.pt pattern
     print(f"{4 + 1} kills, {mid_write + 1} of them mid-write")
 
@@ -210,13 +211,13 @@ def _parts():
 def saved(tmp_path):
     """A folder holding one good checkpoint (step 1); returns (path, its bytes, model, optimizer, scheduler)."""
     m, opt, sched = _parts()
-    path = train.save_checkpoint(tmp_path / "ck.pt", m, opt, sched, step=1, fingerprint={"a": 1})
+    path = checkpoint.save_checkpoint(tmp_path / "ck.pt", m, opt, sched, step=1, fingerprint={"a": 1})
     return path, path.read_bytes(), m, opt, sched
 
 
 def _intact(path, before):
     assert path.read_bytes() == before
-    assert train.load_checkpoint(path, _tiny())["step"] == 1
+    assert checkpoint.load_checkpoint(path, _tiny())["step"] == 1
     assert [p.name for p in path.parent.iterdir()] == [path.name]          # no temporary file left
 
 
@@ -229,7 +230,7 @@ def test_disk_full_after_a_partial_write(saved, monkeypatch):
 
     monkeypatch.setattr(torch, "save", fill_the_disk)
     with pytest.raises(OSError, match=rf"could not write checkpoint {re.escape(str(path))}: No space left") as info:
-        train.save_checkpoint(path, m, opt, sched, step=2, fingerprint={"a": 1})
+        checkpoint.save_checkpoint(path, m, opt, sched, step=2, fingerprint={"a": 1})
     assert info.value.errno == errno.ENOSPC and isinstance(info.value.__cause__, OSError)
     monkeypatch.undo()
     _intact(path, before)
@@ -239,7 +240,7 @@ def test_disk_full_after_a_partial_write(saved, monkeypatch):
 def test_disk_full_as_the_kernel_reports_it(saved, monkeypatch):
     """The temporary file's descriptor is swapped for /dev/full, where every write fails with ENOSPC."""
     path, before, m, opt, sched = saved
-    real_mkstemp = train.tempfile.mkstemp
+    real_mkstemp = checkpoint.tempfile.mkstemp
 
     def mkstemp_on_a_full_disk(*a, **k):
         fd, name = real_mkstemp(*a, **k)
@@ -248,9 +249,9 @@ def test_disk_full_as_the_kernel_reports_it(saved, monkeypatch):
         os.close(full)
         return fd, name
 
-    monkeypatch.setattr(train.tempfile, "mkstemp", mkstemp_on_a_full_disk)
+    monkeypatch.setattr(checkpoint.tempfile, "mkstemp", mkstemp_on_a_full_disk)
     with pytest.raises(OSError, match=rf"could not write checkpoint {re.escape(str(path))}") as info:
-        train.save_checkpoint(path, m, opt, sched, step=2, fingerprint={"a": 1})
+        checkpoint.save_checkpoint(path, m, opt, sched, step=2, fingerprint={"a": 1})
     assert info.value.errno == errno.ENOSPC
     monkeypatch.undo()
     _intact(path, before)
@@ -265,7 +266,7 @@ def test_permission_denied_at_the_rename(saved, monkeypatch):
 
     monkeypatch.setattr(os, "replace", refuse)
     with pytest.raises(PermissionError, match=rf"could not write checkpoint {re.escape(str(path))}: Permission denied"):
-        train.save_checkpoint(path, m, opt, sched, step=2, fingerprint={"a": 1})
+        checkpoint.save_checkpoint(path, m, opt, sched, step=2, fingerprint={"a": 1})
     monkeypatch.undo()
     _intact(path, before)
 
@@ -285,7 +286,7 @@ def test_read_only_folder(saved):
             probe.unlink()
             pytest.skip("running as root: chmod does not stop writes")
         with pytest.raises(PermissionError, match=rf"could not write checkpoint {re.escape(str(path))}"):
-            train.save_checkpoint(path, m, opt, sched, step=2, fingerprint={"a": 1})
+            checkpoint.save_checkpoint(path, m, opt, sched, step=2, fingerprint={"a": 1})
     finally:
         folder.chmod(0o700)
     _intact(path, before)
@@ -296,7 +297,7 @@ def test_folder_that_is_a_file(tmp_path):
     (tmp_path / "runs").write_text("a file, not a folder")
     path = tmp_path / "runs" / "ck.pt"
     with pytest.raises(OSError, match=rf"could not write checkpoint {re.escape(str(path))}"):
-        train.save_checkpoint(path, m, opt, sched, step=1, fingerprint={})
+        checkpoint.save_checkpoint(path, m, opt, sched, step=1, fingerprint={})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
 
 
@@ -309,6 +310,6 @@ def test_an_error_that_is_not_io_still_removes_the_temporary_file(saved, monkeyp
 
     monkeypatch.setattr(torch, "save", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint(path, m, opt, sched, step=2, fingerprint={"a": 1})
+        checkpoint.save_checkpoint(path, m, opt, sched, step=2, fingerprint={"a": 1})
     monkeypatch.undo()
     _intact(path, before)

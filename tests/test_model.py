@@ -77,6 +77,8 @@ def test_stacks_from_torch_copies_structure_and_refuses_bad_input():
         stacks_from_torch(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="ReLU and exact GELU"):
         stacks_from_torch(nn.Transformer(16, 2, 1, 1, 24, batch_first=True, activation=nn.Tanh()))
+    with pytest.raises(ValueError, match=r"bias=True"):                    # nothing to copy the biases from
+        stacks_from_torch(nn.Transformer(16, 2, 1, 1, 24, batch_first=True, bias=False))
 
 
 def test_decoder_masks_go_where_torch_puts_them():
@@ -216,10 +218,21 @@ def test_attention_maps_shapes_and_rows():
     assert torch.equal(maps["decoder_self"][0].triu(1), torch.zeros(2, 4, 3, 3))  # causal
 
 
-def test_embeddings_scale_and_errors():
+def test_embeddings_come_out_at_the_scale_of_the_positional_encoding():
+    """make_model's N(0, d_model^-1/2) table times sqrt(d_model): unit variance, the order of the sinusoids
+    it is added to. nn.Embedding's N(0, 1) default would give std sqrt(d_model) = 16 here."""
+    torch.manual_seed(0)
+    model = make_model(2000, 2000, N=1, d_model=256, d_ff=32, h=4)
+    ids = torch.arange(2000).view(4, 500)
+    with torch.no_grad():
+        scaled = model.src_embed(ids)
+    assert abs(scaled.std().item() - 1.0) < 0.02
+    pe_std = model.pos_encoding.pe[:500].std().item()
+    assert 0.5 < scaled.std().item() / pe_std < 2.0
+
+
+def test_embeddings_errors():
     emb = Embeddings(10, 16)
-    ids = torch.tensor([[1, 2, 3]])
-    assert torch.allclose(emb(ids), emb.lut(ids) * 4.0)
     with pytest.raises(RuntimeError, match=r"\[0, 10\)"):     # checked on the device: no host sync
         emb(torch.tensor([[1, 10]]))
     with pytest.raises(RuntimeError, match=r"\[0, 10\)"):
@@ -275,6 +288,8 @@ def test_bad_input_errors_name_the_sizes():
         layer(torch.randn(1, 3, 16), torch.randn(1, 4, 32))
     with pytest.raises(ValueError, match="memory has batch 2"):
         layer(torch.randn(1, 3, 32), torch.randn(2, 4, 32))
+    with pytest.raises(ValueError, match="the encoder memory .* got NoneType"):   # a forgotten memory
+        layer(torch.randn(1, 3, 32), None)
     with pytest.raises(ValueError, match="at least one layer"):
         Encoder([])
     with pytest.raises(ValueError, match="at least one layer"):
@@ -290,8 +305,10 @@ def test_post_ln_and_pre_ln_layers_differ_and_generator_is_log_softmax():
     y_post = post(x)
     assert torch.allclose(y_post.mean(-1), torch.zeros(2, 5), atol=1e-5)      # post-LN output is normalised
     assert not torch.allclose(y_post, pre(x))
-    gen = Generator(16, 7)
-    assert torch.allclose(gen(x).exp().sum(-1), torch.ones(2, 5), atol=1e-5)
+    gen = Generator(16, 7).to(torch.bfloat16)
+    logp = gen(x.bfloat16())                                     # log-probs in float32 even from bfloat16
+    assert logp.dtype == torch.float32
+    assert torch.allclose(logp.exp().sum(-1), torch.ones(2, 5), atol=1e-5)
 
 
 # --------------------------------------------------------------------------- parameter counts
@@ -311,8 +328,22 @@ def test_parameter_counts_match_the_paper(name, cfg, paper, tol):
     assert abs(n / paper - 1) < tol, (name, n)
 
 
-def test_transformer_is_the_class_make_model_returns():
-    assert isinstance(tiny(), Transformer)
+def test_model_config_rebuilds_the_same_model():
+    """Checkpoints rebuild a model from model.config: every argument must be in it. Every argument here
+    differs from its default, so one left out would rebuild a different model."""
+    torch.manual_seed(0)
+    kw = dict(src_vocab=23, tgt_vocab=23, N=2, d_model=24, d_ff=40, h=3, dropout=0.2, norm_first=True,
+              activation="gelu", tie_output=True, share_embeddings=True, max_len=40, eps=1e-6, final_norm=False)
+    model = make_model(**kw).eval()
+    assert isinstance(model, Transformer) and model.config == kw
+    rebuilt = make_model(**model.config).eval()
+    assert repr(rebuilt) == repr(model)                                  # eps, activation, norm_first, norms
+    assert rebuilt.generator.proj.weight is rebuilt.tgt_embed.lut.weight is rebuilt.src_embed.lut.weight
+    rebuilt.load_state_dict(model.state_dict())
+    src, tgt = torch.randint(3, 23, (2, 6)), torch.randint(3, 23, (2, 5))
+    with torch.no_grad():
+        assert torch.equal(rebuilt(src, tgt, *make_masks(src, tgt, PAD)), model(src, tgt, *make_masks(src, tgt, PAD)))
+    assert make_model(5, 5, N=1, d_model=8, d_ff=8, h=2, norm_first=True).config["final_norm"] is True   # resolved
 
 
 @pytest.mark.parametrize("norm_first", [False, True])

@@ -1,5 +1,7 @@
-"""Tests for annotated_transformer.pretrained: a real BERT folder in our classes, checked against
-Hugging Face's BertModel (the reference; `transformers` is a test-only dependency)."""
+"""Tests for chapter 11's modules: annotated_transformer.pretrained (a real BERT folder in our classes, checked
+against Hugging Face's BertModel, the reference; `transformers` is a test-only dependency),
+annotated_transformer.captions (Multi30k task 2) and annotated_transformer.retrieval (recall, the contrastive
+loss, training with a budget, the comparison)."""
 import gzip
 import importlib.util
 import json
@@ -21,11 +23,13 @@ from annotated_transformer.model import Encoder, EncoderLayer
 from annotated_transformer.norm import LayerNorm
 import safetensors.torch as safetensors_torch
 
+from annotated_transformer.captions import TASK2_FILES, TASK2_SPLITS, TASK2_URL, flatten_captions, load_captions, task2_locations
 from annotated_transformer.pretrained import (
-    TASK2_FILES, TASK2_SPLITS, TASK2_URL, BertConfig, BertEmbeddings, BertEncoder, TransferBudget, bert_names, compare_transfer,
-    contrastive_loss, evaluate_retrieval, flatten_captions, load_bert_tokenizer, load_captions,
-    load_pretrained_encoder, mean_pool, minilm_path, plot_recall_curves, retrieval_recall,
-    sample_caption_pairs, task2_locations, token_states, tokenize, train_contrastive, training_datasets)
+    BertConfig, BertEmbeddings, BertEncoder, bert_names, load_bert_tokenizer, load_pretrained_encoder, mean_pool,
+    minilm_path, token_states, tokenize, training_datasets)
+from annotated_transformer.retrieval import (
+    TransferBudget, compare_transfer, contrastive_loss, evaluate_retrieval, retrieval_recall, sample_caption_pairs,
+    train_contrastive)
 
 SENTENCES = [
     "A man in a blue shirt is riding a bicycle down the street.",
@@ -699,13 +703,6 @@ def test_compare_transfer_on_a_tiny_folder(tokenizer, folder, tmp_path):
         compare_transfer(path, images, eval_sets, budget, {"scratch": 1e-3})
     with pytest.raises(ValueError, match="curve_split 'dev'"):
         compare_transfer(path, images, eval_sets, budget, lr, curve_split="dev")
-    fig = plot_recall_curves(curves, results)
-    try:
-        assert len(fig.axes) == 2
-        for ax in fig.axes:
-            lines = ax.get_lines()
-            assert len(lines) == 3  # (b), (c), and (a) as a dashed line
-            assert all(torch.isfinite(torch.tensor(l.get_ydata(), dtype=torch.float)).all() for l in lines)
-    finally:
-        import matplotlib.pyplot as plt
-        plt.close(fig)
+    # what the chapter plots: finite recalls in [0, 1] at every point of every curve
+    for curve in curves.values():
+        assert all(0.0 <= r <= 1.0 for p in curve for r in p["recall"].values())

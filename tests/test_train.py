@@ -1,5 +1,5 @@
-"""annotated_transformer.train: batches, label smoothing, the Noam schedule, token batching, fit,
-checkpoints, the synthetic tasks, and the torchrun entry point."""
+"""annotated_transformer.train and .checkpoint: batches, label smoothing, the Noam schedule, token batching,
+fit, checkpoints, the synthetic tasks, and the torchrun entry point."""
 import errno
 import math
 import os
@@ -12,10 +12,11 @@ import pytest
 import torch
 from torch import nn
 
+from annotated_transformer.checkpoint import fingerprint_differences, load_checkpoint, save_checkpoint
 from annotated_transformer.model import make_model
 from annotated_transformer.train import (
     Batch, LabelSmoothing, NoamSchedule, TrainConfig, batch_by_tokens, exact_match, fit, heldout_batch,
-    load_checkpoint, noam_rate, save_checkpoint, synthetic_batches, synthetic_pairs, train_main,
+    noam_rate, synthetic_batches, synthetic_pairs, train_main,
 )
 
 PAD, BOS, EOS = 0, 1, 2
@@ -262,7 +263,7 @@ def test_gradient_accumulation_equals_one_big_batch_and_steps_the_scheduler_once
         return Batch(torch.cat([p.src for p in parts]), torch.cat([p.tgt for p in parts]))
 
     # adam_eps=1e-4: the key biases' true gradient is 0 and Adam with eps=1e-9 would blow their float
-    # rounding noise (different summation order) up to full steps (see the training chapter, section 9)
+    # rounding noise (different summation order) up to full steps (see the appendix Training at scale)
     cfg = dict(steps=5, warmup=3, seed=0, clip=0.0, adam_eps=1e-4)
     a, b = small_model(dropout=0.0), small_model(dropout=0.0)
     ha = fit(a, small, TrainConfig(**cfg, accum=3), progress=False)
@@ -497,8 +498,8 @@ def test_fit_reads_the_loss_back_once_per_log_line_not_once_per_step(monkeypatch
 
 def test_atomic_save_is_what_both_checkpoint_writers_use(tmp_path, monkeypatch):
     """save_checkpoint and translation.save_translator share one atomic writer; its errors name the file."""
-    import annotated_transformer.train as train_module
-    from annotated_transformer.train import atomic_save
+    import annotated_transformer.checkpoint as checkpoint_module
+    from annotated_transformer.checkpoint import atomic_save
 
     path = atomic_save({"x": torch.arange(3)}, tmp_path / "sub" / "obj.pt", "thing")
     assert torch.equal(torch.load(path)["x"], torch.arange(3))
@@ -507,13 +508,39 @@ def test_atomic_save_is_what_both_checkpoint_writers_use(tmp_path, monkeypatch):
     with pytest.raises(OSError, match=r"could not write thing .*file/obj\.pt"):
         atomic_save({"x": 1}, blocker / "obj.pt", "thing")
     calls = []
-    monkeypatch.setattr(train_module, "atomic_save", lambda obj, p, what="file": calls.append(what) or Path(p))
+    monkeypatch.setattr(checkpoint_module, "atomic_save", lambda obj, p, what="file": calls.append(what) or Path(p))
     import annotated_transformer.translation as translation
     monkeypatch.setattr(translation, "atomic_save", lambda obj, p, what="file": calls.append(what) or Path(p))
     model = small_model()
-    train_module.save_checkpoint(tmp_path / "c.pt", model, torch.optim.Adam(model.parameters()),
-                                 torch.optim.lr_scheduler.LambdaLR(torch.optim.Adam(model.parameters()), lambda s: 1.0),
-                                 0, {})
+    checkpoint_module.save_checkpoint(tmp_path / "c.pt", model, torch.optim.Adam(model.parameters()),
+                                      torch.optim.lr_scheduler.LambdaLR(torch.optim.Adam(model.parameters()),
+                                                                        lambda s: 1.0),
+                                      0, {})
     translation.save_translator(tmp_path / "t.pt", model)
     assert calls == ["checkpoint", "translator"]
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_fingerprint_differences_name_each_nested_field():
+    saved = {"model": {"d_model": 16, "N": 1}, "train": {"betas": (0.9, 0.98)}, "data": {"task": "copy"}}
+    assert fingerprint_differences(saved, saved) == []
+    assert fingerprint_differences(saved, {**saved, "train": {"betas": [0.9, 0.98]}}) == []   # a list read back from JSON
+    now = {"model": {"d_model": 32, "N": 1}, "train": {"betas": (0.9, 0.98)}, "data": {"task": "copy", "vocab": 9}}
+    assert fingerprint_differences(saved, now) == [
+        "data.vocab: checkpoint has '(missing)', this run has 9",
+        "model.d_model: checkpoint has 16, this run has 32",
+    ]
+
+
+def test_modules_keep_to_their_concern():
+    """train holds the recipe and the loop, checkpoint the files: checkpoint needs nothing from train."""
+    import ast
+
+    import annotated_transformer.checkpoint as checkpoint_module
+    import annotated_transformer.train as train_module
+
+    imports = {node.module for node in ast.walk(ast.parse(Path(checkpoint_module.__file__).read_text()))
+               if isinstance(node, ast.ImportFrom)}
+    assert not any(m and m.startswith("annotated_transformer") for m in imports), imports
+    assert not set(train_module.__all__) & set(checkpoint_module.__all__)
+    assert train_module.save_checkpoint is checkpoint_module.save_checkpoint   # fit writes through checkpoint

@@ -31,7 +31,7 @@ translation)
     FIGURES_DIR=/tmp/fig10 python3 tools/run_plain.py .devcarry/cells/10_translation.json profile=full device=cuda \
         budget_minutes="${2:-12}" 2>&1 | tee "$OUT/ch10-full.log" | grep -v '^\[run_plain\]'
     rc=$?
-    cp results/translation-full-cuda.json "$OUT/" 2>/dev/null
+    cp results/translation-full-cuda.json results/attention-full-cuda.json "$OUT/" 2>/dev/null
     exit $rc ;;
 stash)
     mkdir -p /tmp/keep && cp -r .devcarry/. /tmp/keep/ ;;

@@ -4,7 +4,7 @@
 
 The top level holds the names a user needs (`__all__`), imported on first use so that `import
 annotated_transformer` stays cheap and `python -m annotated_transformer.<module>` runs cleanly. Every
-other name stays in its module: `from annotated_transformer.pretrained import load_captions`.
+other name stays in its module: `from annotated_transformer.captions import load_captions`.
 """
 
 import importlib
@@ -63,7 +63,7 @@ _EXPORTS = {
     'load_translator': 'translation',
     'load_pretrained_encoder': 'pretrained',
 }
-_MODULES = ('weighted_average', 'attention', 'multihead', 'positional', 'norm', 'residual', 'model', 'train', 'decoding', 'data', 'translation', 'pretrained', 'runtime')
+_MODULES = ('weighted_average', 'attention', 'multihead', 'positional', 'norm', 'residual', 'model', 'train', 'checkpoint', 'decoding', 'data', 'translation', 'pretrained', 'captions', 'retrieval', 'variants', 'lm', 'runtime')
 _ELSEWHERE = {  # public, but not at the top level
     'parameter_free_attention': 'weighted_average',
     'QKVProjection': 'weighted_average',
@@ -79,14 +79,15 @@ _ELSEWHERE = {  # public, but not at the top level
     'noam_rate': 'train',
     'NoamSchedule': 'train',
     'batch_by_tokens': 'train',
-    'atomic_save': 'train',
-    'save_checkpoint': 'train',
-    'load_checkpoint': 'train',
     'synthetic_pairs': 'train',
     'synthetic_batches': 'train',
     'heldout_batch': 'train',
     'exact_match': 'train',
     'train_main': 'train',
+    'fingerprint_differences': 'checkpoint',
+    'atomic_save': 'checkpoint',
+    'save_checkpoint': 'checkpoint',
+    'load_checkpoint': 'checkpoint',
     'decode_step': 'decoding',
     'MULTI30K_URL': 'data',
     'MULTI30K_FILES': 'data',
@@ -133,21 +134,42 @@ _ELSEWHERE = {  # public, but not at the top level
     'mean_pool': 'pretrained',
     'bert_names': 'pretrained',
     'token_states': 'pretrained',
-    'TASK2_URL': 'pretrained',
-    'TASK2_SPLITS': 'pretrained',
-    'TASK2_FILES': 'pretrained',
-    'task2_locations': 'pretrained',
-    'load_captions': 'pretrained',
-    'flatten_captions': 'pretrained',
-    'retrieval_recall': 'pretrained',
     'training_datasets': 'pretrained',
-    'contrastive_loss': 'pretrained',
-    'TransferBudget': 'pretrained',
-    'sample_caption_pairs': 'pretrained',
-    'evaluate_retrieval': 'pretrained',
-    'train_contrastive': 'pretrained',
-    'compare_transfer': 'pretrained',
-    'plot_recall_curves': 'pretrained',
+    'TASK2_URL': 'captions',
+    'TASK2_SPLITS': 'captions',
+    'TASK2_FILES': 'captions',
+    'task2_locations': 'captions',
+    'load_captions': 'captions',
+    'flatten_captions': 'captions',
+    'retrieval_recall': 'retrieval',
+    'contrastive_loss': 'retrieval',
+    'TransferBudget': 'retrieval',
+    'sample_caption_pairs': 'retrieval',
+    'evaluate_retrieval': 'retrieval',
+    'train_contrastive': 'retrieval',
+    'compare_transfer': 'retrieval',
+    'rope_frequencies': 'variants',
+    'apply_rope': 'variants',
+    'alibi_slopes': 'variants',
+    'alibi_bias': 'variants',
+    'LearnedPositionalEmbedding': 'variants',
+    'NoPositionalEncoding': 'variants',
+    'RMSNorm': 'variants',
+    'swiglu_d_ff': 'variants',
+    'SwiGLU': 'variants',
+    'GroupedQueryAttention': 'variants',
+    'kv_cache_bytes_per_token': 'variants',
+    'POSITIONS': 'variants',
+    'NORMS': 'variants',
+    'FFNS': 'variants',
+    'make_variant_model': 'variants',
+    'translate_greedy': 'variants',
+    'LMCache': 'lm',
+    'DecoderOnlyLM': 'lm',
+    'caption_corpus': 'lm',
+    'KneserNeyTrigram': 'lm',
+    'filter_logits': 'lm',
+    'sample': 'lm',
 }
 
 

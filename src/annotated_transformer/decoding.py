@@ -11,6 +11,11 @@ from annotated_transformer.attention import causal_mask, padding_mask
 from annotated_transformer.model import Transformer, check_token_ids
 
 
+def _check_int(name: str, value, low: int = 1, high: float = math.inf, what: str = "a positive int") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+
+
 class KVCache:
     """The decoder's keys and values, kept between decoding steps in buffers allocated once.
 
@@ -30,8 +35,7 @@ class KVCache:
         d_model = model.decoder.layers[0].d_model
         if memory.dim() != 3 or memory.size(-1) != d_model:
             raise ValueError(f"memory must be (batch, src_len, d_model={d_model}), got {tuple(memory.shape)}")
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-            raise ValueError(f"capacity (target positions to hold) must be a positive int, got {capacity!r}")
+        _check_int("capacity (target positions to hold)", capacity)
         self.rows, self.capacity, self.static = memory.size(0), capacity, bool(static)
         self.cross, self.self_k, self.self_v = [], [], []
         for layer in model.decoder.layers:
@@ -52,19 +56,12 @@ class KVCache:
         self.capacity *= 2
 
     def reorder(self, index: torch.Tensor) -> None:
-        """Keep rows `index` of the self-attention cache (beam search re-ranks its hypotheses), in place
-        when the number of rows stays the same.
-
-        The cross-attention cache is not touched: beam search only moves rows between the beams of
-        one source, which share the same memory.
-        """
-        if index.numel() == self.rows:
-            for buf in self.self_k + self.self_v:
-                buf.copy_(buf.index_select(0, index))
-        else:
-            self.self_k = [k.index_select(0, index) for k in self.self_k]
-            self.self_v = [v.index_select(0, index) for v in self.self_v]
-            self.rows = index.numel()
+        """Row r of the self-attention cache becomes row index[r], in place (beam search re-ranks its
+        hypotheses among the rows of one source, which share their cross-attention keys and values)."""
+        if index.dim() != 1 or index.numel() != self.rows:
+            raise ValueError(f"reorder takes one row index per cached row ({self.rows}), got shape {tuple(index.shape)}")
+        for buf in self.self_k + self.self_v:
+            buf.copy_(buf.index_select(0, index))
 
 
 def _layer_step(layer, x: torch.Tensor, cache: KVCache, i: int, src_mask, self_mask) -> torch.Tensor:
@@ -117,24 +114,14 @@ def decode_step(model: Transformer, token: torch.Tensor, cache: KVCache, src_mas
     return model.generator(x[:, -1])                                               # (rows, vocab)
 
 
-class _Stepper:
-    """Next-token log-probabilities for every row of ys, with or without the cache."""
-
-    def __init__(self, model: Transformer, memory: torch.Tensor, src_mask: torch.Tensor, use_cache: bool,
-                 max_len: int):
-        self.model, self.memory, self.src_mask = model, memory, src_mask
-        self.cache = KVCache(model, memory, capacity=max_len) if use_cache else None
-
-    def __call__(self, ys: torch.Tensor) -> torch.Tensor:
-        # ys (rows, t): every token so far, <s> first -> (rows, vocab)
-        if self.cache is not None:
-            return decode_step(self.model, ys[:, -1], self.cache, self.src_mask)
-        out = self.model.decode(self.memory, self.src_mask, ys, causal_mask(ys.size(1), device=ys.device)[None, None])
-        return self.model.generator(out[:, -1])                       # the whole prefix again, every step
-
-    def reorder(self, index: torch.Tensor) -> None:
-        if self.cache is not None:
-            self.cache.reorder(index)
+def _stepper(model: Transformer, memory: torch.Tensor, src_mask: torch.Tensor, use_cache: bool, max_len: int):
+    """(step, cache): step(ys) gives the next-token log-probabilities (rows, vocab) of every row of ys (rows, t),
+    <s> first. Without the cache (None), every step runs the decoder over the whole prefix again."""
+    if not use_cache:
+        return (lambda ys: model.generator(model.decode(
+            memory, src_mask, ys, causal_mask(ys.size(1), device=ys.device)[None, None])[:, -1])), None
+    cache = KVCache(model, memory, capacity=max_len)
+    return (lambda ys: decode_step(model, ys[:, -1], cache, src_mask)), cache
 
 
 class _GraphStepper:
@@ -166,27 +153,16 @@ class _GraphStepper:
         self.cache.length += 1
         return self.logp                                   # overwritten by the next replay
 
-    def reorder(self, index: torch.Tensor) -> None:
-        self.cache.reorder(index)                          # in place: the graph's addresses stay valid
-
 
 def _check_decode_args(model, src, max_len, bos_idx, eos_idx, pad_idx) -> None:
     if not isinstance(model, Transformer):
         raise TypeError(f"model must be an annotated_transformer.model.Transformer, got {type(model).__name__}")
-    if not isinstance(src, torch.Tensor) or src.dim() != 2 or src.is_floating_point() or src.dtype == torch.bool:
-        what = f"{src.dtype} tensor of shape {tuple(src.shape)}" if isinstance(src, torch.Tensor) else type(src).__name__
-        raise ValueError(f"src must be an integer tensor of token ids of shape (batch, src_len), got a {what}")
-    if src.size(0) == 0 or src.size(1) == 0:
-        raise ValueError(f"src must hold at least one token in at least one sequence, got shape {tuple(src.shape)}")
-    check_token_ids(src, model.src_embed.vocab, "src")                    # once, on the host
-    table = model.pos_encoding.max_len
-    if isinstance(max_len, bool) or not isinstance(max_len, int) or not 2 <= max_len <= table:
-        raise ValueError(f"max_len (the output length, <s> included) must be an int in [2, {table}] "
-                         f"(the model's positional table has {table} positions), got {max_len!r}")
-    vocab = model.generator.proj.out_features
+    check_token_ids(src, model.src_embed.vocab, "src")            # (batch, src_len) ids, once, on the host
+    table, vocab = model.pos_encoding.max_len, model.generator.proj.out_features
+    _check_int("max_len (the output length, <s> included)", max_len, 2, table,
+               f"an int in [2, {table}] (the model's positional table has {table} positions)")
     for name, idx in (("bos_idx", bos_idx), ("eos_idx", eos_idx), ("pad_idx", pad_idx)):
-        if isinstance(idx, bool) or not isinstance(idx, int) or not 0 <= idx < vocab:
-            raise ValueError(f"{name}={idx!r} is not an id of the target vocabulary of {vocab}")
+        _check_int(name, idx, 0, vocab - 1, f"an id of the target vocabulary of {vocab}")
     if eos_idx == pad_idx:
         raise ValueError(f"eos_idx and pad_idx must differ (both are {eos_idx}): padding follows </s>")
 
@@ -202,11 +178,11 @@ def greedy_decode(model: Transformer, src: torch.Tensor, max_len: int, bos_idx: 
     use_cache=True keeps the decoder's keys/values (KVCache); False recomputes the prefix every step.
     cuda_graph=True (CUDA only) replays each step as one captured CUDA graph over a static cache.
     stop_check_every: read "has every row finished?" back to the host every this many steps (each read
-    is a GPU sync); the output is the same, as padding columns past the last </s> are dropped.
+    is a GPU sync, the only one per step); the output is the same, as padding columns past the last
+    </s> are dropped.
     """
     _check_decode_args(model, src, max_len, bos_idx, eos_idx, pad_idx)
-    if isinstance(stop_check_every, bool) or not isinstance(stop_check_every, int) or stop_check_every < 1:
-        raise ValueError(f"stop_check_every must be a positive int, got {stop_check_every!r}")
+    _check_int("stop_check_every", stop_check_every)
     if cuda_graph and (src.device.type != "cuda" or not use_cache):
         raise ValueError(f"cuda_graph=True needs a CUDA model and src and use_cache=True, got src on {src.device} "
                          f"and use_cache={use_cache}")
@@ -218,7 +194,7 @@ def greedy_decode(model: Transformer, src: torch.Tensor, max_len: int, bos_idx: 
         if cuda_graph:
             step = _GraphStepper(model, memory, src_mask, max_len)
         else:
-            step = _Stepper(model, memory, src_mask, use_cache, max_len)
+            step = _stepper(model, memory, src_mask, use_cache, max_len)[0]
         ys = torch.full((src.size(0), 1), bos_idx, dtype=torch.long, device=src.device)
         done = torch.zeros(src.size(0), dtype=torch.bool, device=src.device)
         for t in range(max_len - 1):
@@ -250,11 +226,11 @@ def beam_search(model: Transformer, src: torch.Tensor, max_len: int, bos_idx: in
     Hypotheses are ranked by log P(Y) / lp(|Y|), lp(n) = ((5 + n) / 6)^length_penalty, |Y| counting the
     tokens after <s> (</s> included). A hypothesis that emits </s> stays in the beam with a frozen score.
     A source is done once no live hypothesis can still overtake its best finished one; decoding stops
-    when every source is done. Output as greedy_decode's: <s> ... </s> then pad_idx. beam_size=1 is greedy.
+    when every source is done (checked on the host after every step: one sync per step). Output as
+    greedy_decode's: <s> ... </s> then pad_idx. beam_size=1 is greedy.
     """
     _check_decode_args(model, src, max_len, bos_idx, eos_idx, pad_idx)
-    if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1:
-        raise ValueError(f"beam_size must be a positive int, got {beam_size!r}")
+    _check_int("beam_size", beam_size)
     if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)) \
             or not 0.0 <= length_penalty < math.inf:
         raise ValueError(f"length_penalty must be a finite number >= 0, got {length_penalty!r}")
@@ -267,7 +243,7 @@ def beam_search(model: Transformer, src: torch.Tensor, max_len: int, bos_idx: in
         src_mask = padding_mask(src, pad_idx)                                 # (batch, 1, 1, src_len)
         memory = model.encode(src, src_mask)                                  # once per source, not per beam
         memory, src_mask = memory.repeat_interleave(k, 0), src_mask.repeat_interleave(k, 0)  # (batch*k, ...)
-        step = _Stepper(model, memory, src_mask, use_cache, max_len)
+        step, cache = _stepper(model, memory, src_mask, use_cache, max_len)
         ys = torch.full((batch * k, 1), bos_idx, dtype=torch.long, device=dev)
         scores = torch.zeros(batch, k, device=dev)                            # log P of each hypothesis
         scores[:, 1:] = -inf                                                  # k copies of <s>: keep one
@@ -291,10 +267,11 @@ def beam_search(model: Transformer, src: torch.Tensor, max_len: int, bos_idx: in
             finished = (finished.gather(1, origin) | (token == eos_idx)) & scores.isfinite()
             rows = (first_row + origin).view(-1)                              # (batch*k,)
             ys = torch.cat([ys.index_select(0, rows), token.view(-1, 1)], dim=1)
-            step.reorder(rows)
+            if cache is not None:
+                cache.reorder(rows)
             best_done = (scores / _length_penalty(lengths, length_penalty)).masked_fill(~finished, -inf).amax(1)
             live_bound = (scores / lp_max).masked_fill(finished, -inf).amax(1)
-            if bool((live_bound <= best_done).all()):                         # nothing left can win
+            if bool((live_bound <= best_done).all()):                         # the stop check: nothing left can win
                 break
         final = scores / _length_penalty(lengths, length_penalty)
         final = torch.where(finished.any(1, keepdim=True), final.masked_fill(~finished, -inf), final)

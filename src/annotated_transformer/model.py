@@ -15,6 +15,17 @@ from annotated_transformer.positional import PositionalEncoding
 from annotated_transformer.residual import PositionwiseFeedForward, SublayerConnection
 
 
+def _check_ids(tokens, what: str) -> None:
+    """tokens must be a (batch, seq) integer tensor with batch >= 1 and seq >= 1."""
+    if not isinstance(tokens, torch.Tensor) or tokens.is_floating_point() or tokens.is_complex() \
+            or tokens.dtype == torch.bool:
+        kind = f"a {tokens.dtype} tensor" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        raise TypeError(f"{what} must be an integer tensor, got {kind}")
+    if tokens.dim() != 2 or tokens.size(0) == 0 or tokens.size(1) == 0:
+        raise ValueError(f"{what} must have shape (batch, seq) with batch >= 1 and seq >= 1 (an empty batch or "
+                         f"sequence has nothing to embed), got {tuple(tokens.shape)}")
+
+
 class Embeddings(nn.Module):
     """Token ids -> vectors, multiplied by sqrt(d_model) (paper, section 3.4).
 
@@ -31,11 +42,7 @@ class Embeddings(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         # tokens (batch, seq) integer ids -> (batch, seq, d_model)
-        if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
-            raise TypeError(f"token ids must be an integer tensor, got {tokens.dtype}")
-        if tokens.dim() != 2 or tokens.size(0) == 0 or tokens.size(1) == 0:
-            raise ValueError(f"token ids must have shape (batch, seq) with batch >= 1 and seq >= 1 "
-                             f"(an empty batch or sequence has nothing to embed), got {tuple(tokens.shape)}")
+        _check_ids(tokens, "token ids")
         # On the device, without a host sync: a CPU raises RuntimeError here, a GPU a device-side assert.
         torch._assert_async(((tokens >= 0) & (tokens < self.vocab)).all(),
                             f"token ids must lie in [0, {self.vocab}) for a vocabulary of {self.vocab}")
@@ -45,23 +52,53 @@ class Embeddings(nn.Module):
 def check_token_ids(tokens: torch.Tensor, vocab: int, what: str = "token ids") -> None:
     """Host-side check for public entry points: tokens is a (batch, seq) integer tensor of ids in
     [0, vocab). Reads the extremes back to Python: call it once per batch, not inside forward."""
-    if not isinstance(tokens, torch.Tensor) or tokens.is_floating_point() or tokens.is_complex() \
-            or tokens.dtype == torch.bool:
-        kind = f"a {tokens.dtype} tensor" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
-        raise TypeError(f"{what} must be an integer tensor, got {kind}")
-    if tokens.dim() != 2 or tokens.numel() == 0:
-        raise ValueError(f"{what} must have shape (batch, seq) with batch >= 1 and seq >= 1, got {tuple(tokens.shape)}")
+    _check_ids(tokens, what)
     low, high = int(tokens.min()), int(tokens.max())
     if low < 0 or high >= vocab:
         raise ValueError(f"{what} must lie in [0, {vocab}) for a vocabulary of {vocab}, got ids from {low} to {high}")
 
 
-def _check_d_model(x: torch.Tensor, d_model: int, what: str) -> None:
-    if x.dim() != 3 or x.size(-1) != d_model:
-        raise ValueError(f"{what} must have shape (batch, seq, d_model={d_model}), got {tuple(x.shape)}")
+def _check_d_model(x, d_model: int, what: str) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.size(-1) != d_model:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{what} must have shape (batch, seq, d_model={d_model}), got {shape}")
 
 
-class EncoderLayer(nn.Module):
+class _Layer(nn.Module):
+    """What both layers share: self-attention, cross-attention to a memory (decoder only) and a
+    feed-forward network, each in a SublayerConnection; norm_first=False is post-LN, True pre-LN."""
+
+    def __init__(self, d_model, h, d_ff, dropout, norm_first, activation, eps, cross: bool):
+        super().__init__()
+        self.d_model, self.norm_first = d_model, norm_first
+        self.self_attn = MultiHeadAttention(d_model, h, dropout)
+        if cross:
+            self.src_attn = MultiHeadAttention(d_model, h, dropout)
+        self.feed_forward = PositionwiseFeedForward(d_model, d_ff, dropout, activation)
+        self.sublayer = nn.ModuleList(SublayerConnection(d_model, dropout, norm_first, eps) for _ in range(2 + cross))
+
+    def _run(self, x, mask, memory, memory_mask, need_weights: bool):
+        """The layer's output and the list of its attention weights (None each unless need_weights)."""
+        cross = len(self.sublayer) == 3
+        _check_d_model(x, self.d_model, f"the {'decoder' if cross else 'encoder'} layer's input")
+        if cross:
+            _check_d_model(memory, self.d_model, "the encoder memory")
+            if memory.size(0) != x.size(0):
+                raise ValueError(f"memory has batch {memory.size(0)} but the target has batch {x.size(0)}")
+        weights = []
+
+        def attend(attn, y, kv, attn_mask):          # one attention sublayer; keeps its weights
+            out, w = attn(y, kv, kv, mask=attn_mask, need_weights=need_weights)
+            weights.append(w)
+            return out
+
+        x = self.sublayer[0](x, lambda y: attend(self.self_attn, y, y, mask))
+        if cross:
+            x = self.sublayer[1](x, lambda y: attend(self.src_attn, y, memory, memory_mask))
+        return self.sublayer[-1](x, self.feed_forward), weights
+
+
+class EncoderLayer(_Layer):
     """Self-attention then a feed-forward network, each in a residual + LayerNorm wrapper.
 
     norm_first=False is the paper's post-LN, True is pre-LN. activation "relu" (paper) or "gelu" (BERT).
@@ -69,34 +106,19 @@ class EncoderLayer(nn.Module):
 
     def __init__(self, d_model: int, h: int, d_ff: int, dropout: float = 0.1, norm_first: bool = False,
                  activation: str = "relu", eps: float = 1e-5):
-        super().__init__()
-        self.d_model, self.norm_first = d_model, norm_first
-        self.self_attn = MultiHeadAttention(d_model, h, dropout)
-        self.feed_forward = PositionwiseFeedForward(d_model, d_ff, dropout, activation)
-        self.sublayer = nn.ModuleList(SublayerConnection(d_model, dropout, norm_first, eps) for _ in range(2))
+        super().__init__(d_model, h, d_ff, dropout, norm_first, activation, eps, cross=False)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         # x (batch, seq, d_model); mask broadcastable to (batch, h, seq, seq), True = may attend
-        return self._layer(x, mask, need_weights=False)[0]
+        return self._run(x, mask, None, None, need_weights=False)[0]
 
     def forward_with_weights(self, x: torch.Tensor, mask: torch.Tensor | None = None):
         """forward's output and the self-attention weights (batch, h, seq, seq), by the explicit path."""
-        return self._layer(x, mask, need_weights=True)
-
-    def _layer(self, x, mask, need_weights: bool):
-        _check_d_model(x, self.d_model, "the encoder layer's input")
-        weights = None
-
-        def attend(y):
-            nonlocal weights
-            out, weights = self.self_attn(y, y, y, mask=mask, need_weights=need_weights)
-            return out
-
-        x = self.sublayer[0](x, attend)
-        return self.sublayer[1](x, self.feed_forward), weights
+        x, weights = self._run(x, mask, None, None, need_weights=True)
+        return x, weights[0]
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(_Layer):
     """Masked self-attention, cross-attention to the encoder's memory, then a feed-forward network.
 
     Attribute names: self_attn, src_attn (cross-attention), feed_forward, sublayer[0..2].
@@ -104,12 +126,7 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, d_model: int, h: int, d_ff: int, dropout: float = 0.1, norm_first: bool = False,
                  activation: str = "relu", eps: float = 1e-5):
-        super().__init__()
-        self.d_model, self.norm_first = d_model, norm_first
-        self.self_attn = MultiHeadAttention(d_model, h, dropout)
-        self.src_attn = MultiHeadAttention(d_model, h, dropout)
-        self.feed_forward = PositionwiseFeedForward(d_model, d_ff, dropout, activation)
-        self.sublayer = nn.ModuleList(SublayerConnection(d_model, dropout, norm_first, eps) for _ in range(3))
+        super().__init__(d_model, h, d_ff, dropout, norm_first, activation, eps, cross=True)
 
     def forward(self, tgt: torch.Tensor, memory: torch.Tensor, tgt_mask: torch.Tensor | None = None,
                 memory_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -117,87 +134,63 @@ class DecoderLayer(nn.Module):
         (TransformerDecoderLayer), but the masks in this package's convention, True = may attend.
         tgt_mask (self-attention) broadcasts to (batch, h, tgt_len, tgt_len), causal and padding in one;
         memory_mask (cross-attention) to (batch, h, tgt_len, src_len), usually the source's padding."""
-        return self._layer(tgt, memory, tgt_mask, memory_mask, need_weights=False)[0]
+        return self._run(tgt, tgt_mask, memory, memory_mask, need_weights=False)[0]
 
     def forward_with_weights(self, tgt: torch.Tensor, memory: torch.Tensor, tgt_mask: torch.Tensor | None = None,
                              memory_mask: torch.Tensor | None = None):
         """forward's output and (self-attention weights, cross-attention weights), by the explicit path."""
-        return self._layer(tgt, memory, tgt_mask, memory_mask, need_weights=True)
-
-    def _layer(self, x, memory, tgt_mask, memory_mask, need_weights: bool):
-        _check_d_model(x, self.d_model, "the decoder layer's input")
-        _check_d_model(memory, self.d_model, "the encoder memory")
-        if memory.size(0) != x.size(0):
-            raise ValueError(f"memory has batch {memory.size(0)} but the target has batch {x.size(0)}")
-        w_self = w_cross = None
-
-        def self_attend(y):
-            nonlocal w_self
-            out, w_self = self.self_attn(y, y, y, mask=tgt_mask, need_weights=need_weights)
-            return out
-
-        def cross_attend(y):
-            nonlocal w_cross
-            out, w_cross = self.src_attn(y, memory, memory, mask=memory_mask, need_weights=need_weights)
-            return out
-
-        x = self.sublayer[0](x, self_attend)
-        x = self.sublayer[1](x, cross_attend)
-        return self.sublayer[2](x, self.feed_forward), (w_self, w_cross)
+        x, weights = self._run(tgt, tgt_mask, memory, memory_mask, need_weights=True)
+        return x, tuple(weights)
 
 
-class Encoder(nn.Module):
-    """A stack of encoder layers, with an optional final LayerNorm (needed for pre-LN)."""
-
-    def __init__(self, layers, norm: nn.Module | None = None):
+class _Stack(nn.Module):
+    def __init__(self, layers, norm: nn.Module | None, what: str):
         super().__init__()
         self.layers = nn.ModuleList(layers)
         if len(self.layers) == 0:
-            raise ValueError("an Encoder needs at least one layer")
+            raise ValueError(f"{what} needs at least one layer")
         self.norm = norm
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        # x (batch, src_len, d_model) -> memory (batch, src_len, d_model)
-        for layer in self.layers:
-            x = layer(x, mask)
-        return x if self.norm is None else self.norm(x)
-
-    def forward_with_weights(self, x: torch.Tensor, mask: torch.Tensor | None = None):
-        """forward's output and every layer's self-attention weights, a list of (batch, h, seq, seq)."""
+    def _run(self, x, args, need_weights: bool):
+        """The stack's output and, with need_weights, a list of every layer's attention weights."""
         weights = []
         for layer in self.layers:
-            x, w = layer.forward_with_weights(x, mask)
+            x, w = layer.forward_with_weights(x, *args) if need_weights else (layer(x, *args), None)
             weights.append(w)
         return (x if self.norm is None else self.norm(x)), weights
 
 
-class Decoder(nn.Module):
+class Encoder(_Stack):
+    """A stack of encoder layers, with an optional final LayerNorm (needed for pre-LN)."""
+
+    def __init__(self, layers, norm: nn.Module | None = None):
+        super().__init__(layers, norm, "an Encoder")
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        # x (batch, src_len, d_model) -> memory (batch, src_len, d_model)
+        return self._run(x, (mask,), need_weights=False)[0]
+
+    def forward_with_weights(self, x: torch.Tensor, mask: torch.Tensor | None = None):
+        """forward's output and every layer's self-attention weights, a list of (batch, h, seq, seq)."""
+        return self._run(x, (mask,), need_weights=True)
+
+
+class Decoder(_Stack):
     """A stack of decoder layers reading one memory, with an optional final LayerNorm."""
 
     def __init__(self, layers, norm: nn.Module | None = None):
-        super().__init__()
-        self.layers = nn.ModuleList(layers)
-        if len(self.layers) == 0:
-            raise ValueError("a Decoder needs at least one layer")
-        self.norm = norm
+        super().__init__(layers, norm, "a Decoder")
 
     def forward(self, tgt: torch.Tensor, memory: torch.Tensor, tgt_mask: torch.Tensor | None = None,
                 memory_mask: torch.Tensor | None = None) -> torch.Tensor:
         # tgt (batch, tgt_len, d_model), memory (batch, src_len, d_model) -> (batch, tgt_len, d_model)
         # torch's order and names (TransformerDecoder); masks as in DecoderLayer, True = may attend
-        x = tgt
-        for layer in self.layers:
-            x = layer(x, memory, tgt_mask=tgt_mask, memory_mask=memory_mask)
-        return x if self.norm is None else self.norm(x)
+        return self._run(tgt, (memory, tgt_mask, memory_mask), need_weights=False)[0]
 
     def forward_with_weights(self, tgt: torch.Tensor, memory: torch.Tensor, tgt_mask: torch.Tensor | None = None,
                              memory_mask: torch.Tensor | None = None):
         """forward's output and every layer's (self-attention, cross-attention) weights."""
-        x, weights = tgt, []
-        for layer in self.layers:
-            x, w = layer.forward_with_weights(x, memory, tgt_mask=tgt_mask, memory_mask=memory_mask)
-            weights.append(w)
-        return (x if self.norm is None else self.norm(x)), weights
+        return self._run(tgt, (memory, tgt_mask, memory_mask), need_weights=True)
 
 
 class Generator(nn.Module):
@@ -218,11 +211,10 @@ def make_masks(src: torch.Tensor, tgt: torch.Tensor | None, pad_idx: int):
     Returns src_mask (batch, 1, 1, src_len) and tgt_mask (batch, 1, tgt_len, tgt_len): padding, and for
     the target also causal (position i sees positions <= i). tgt may be None (encoder only).
     """
-    src_mask = padding_mask(src, pad_idx)  # (batch, 1, 1, src_len)
+    src_mask = padding_mask(src, pad_idx)
     if tgt is None:
         return src_mask, None
-    tgt_mask = padding_mask(tgt, pad_idx) & causal_mask(tgt.size(1), device=tgt.device)  # (batch, 1, tgt_len, tgt_len)
-    return src_mask, tgt_mask
+    return src_mask, padding_mask(tgt, pad_idx) & causal_mask(tgt.size(1), device=tgt.device)
 
 
 class Transformer(nn.Module):
@@ -231,10 +223,8 @@ class Transformer(nn.Module):
     def __init__(self, encoder: Encoder, decoder: Decoder, src_embed: Embeddings, tgt_embed: Embeddings,
                  pos_encoding: PositionalEncoding, generator: Generator):
         super().__init__()
-        self.encoder, self.decoder = encoder, decoder
-        self.src_embed, self.tgt_embed = src_embed, tgt_embed
-        self.pos_encoding = pos_encoding
-        self.generator = generator
+        self.encoder, self.decoder, self.src_embed, self.tgt_embed = encoder, decoder, src_embed, tgt_embed
+        self.pos_encoding, self.generator = pos_encoding, generator
         self.config: dict = {}  # make_model records its arguments here (checkpoints compare them)
 
     def encode(self, src: torch.Tensor, src_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -275,6 +265,7 @@ def make_model(src_vocab: int, tgt_vocab: int, N: int = 6, d_model: int = 512, d
     tie_output: target embedding = generator weight. share_embeddings: source embedding = target
     embedding (needs src_vocab == tgt_vocab). Matrices get Xavier-uniform, embeddings N(0, d_model^-1/2).
     """
+    config = dict(locals())                     # the arguments, in order: model.config below
     for name, value in (("src_vocab", src_vocab), ("tgt_vocab", tgt_vocab), ("N", N), ("d_model", d_model),
                         ("d_ff", d_ff), ("h", h), ("max_len", max_len)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -292,11 +283,9 @@ def make_model(src_vocab: int, tgt_vocab: int, N: int = 6, d_model: int = 512, d
     if activation not in ("relu", "gelu"):
         raise ValueError(f"activation must be 'relu' or 'gelu', got {activation!r}")
     if share_embeddings and src_vocab != tgt_vocab:
-        raise ValueError(
-            f"share_embeddings=True needs one vocabulary for source and target, "
-            f"got src_vocab={src_vocab} and tgt_vocab={tgt_vocab}"
-        )
-    final_norm = norm_first if final_norm is None else final_norm
+        raise ValueError(f"share_embeddings=True needs one vocabulary for source and target, "
+                         f"got src_vocab={src_vocab} and tgt_vocab={tgt_vocab}")
+    config["final_norm"] = final_norm = norm_first if final_norm is None else final_norm
     layer_args = dict(d_model=d_model, h=h, d_ff=d_ff, dropout=dropout, norm_first=norm_first,
                       activation=activation, eps=eps)
     encoder = Encoder([EncoderLayer(**layer_args) for _ in range(N)], LayerNorm(d_model, eps) if final_norm else None)
@@ -313,15 +302,13 @@ def make_model(src_vocab: int, tgt_vocab: int, N: int = 6, d_model: int = 512, d
         src_embed.lut.weight = tgt_embed.lut.weight
     if tie_output:
         model.generator.proj.weight = tgt_embed.lut.weight
-    model.config = dict(src_vocab=src_vocab, tgt_vocab=tgt_vocab, N=N, d_model=d_model, d_ff=d_ff, h=h,
-                        dropout=dropout, norm_first=norm_first, activation=activation, tie_output=tie_output,
-                        share_embeddings=share_embeddings, max_len=max_len, eps=eps, final_norm=final_norm)
+    model.config = config
     return model
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Number of distinct parameters (a tied matrix counts once)."""
-    return sum(p.numel() for p in model.parameters())  # .parameters() already skips duplicates
+    """Number of distinct parameters (a tied matrix counts once: .parameters() skips duplicates)."""
+    return sum(p.numel() for p in model.parameters())
 
 
 def use_fused_qkv(model: nn.Module, enabled: bool = True) -> nn.Module:
@@ -342,22 +329,6 @@ def _activation_name(layer: nn.Module) -> str:
     raise ValueError(f"stacks_from_torch supports ReLU and exact GELU activations, got {act!r}")
 
 
-def _copy_norm(ours: LayerNorm, theirs: nn.LayerNorm) -> None:
-    if theirs.bias is None or theirs.weight is None:
-        raise ValueError("stacks_from_torch needs LayerNorms with weight and bias (nn.Transformer(bias=True))")
-    ours.weight.copy_(theirs.weight)
-    ours.bias.copy_(theirs.bias)
-
-
-def _copy_ffn(ours: PositionwiseFeedForward, layer: nn.Module) -> None:
-    if layer.linear1.bias is None:
-        raise ValueError("stacks_from_torch needs linear layers with biases (nn.Transformer(bias=True))")
-    ours.w_1.weight.copy_(layer.linear1.weight)
-    ours.w_1.bias.copy_(layer.linear1.bias)
-    ours.w_2.weight.copy_(layer.linear2.weight)
-    ours.w_2.bias.copy_(layer.linear2.bias)
-
-
 @torch.no_grad()
 def stacks_from_torch(t: nn.Transformer) -> nn.ModuleDict:
     """Copy a torch.nn.Transformer(batch_first=True) into our Encoder and Decoder, weight for weight.
@@ -373,20 +344,22 @@ def stacks_from_torch(t: nn.Transformer) -> nn.ModuleDict:
     for kind, theirs, make in (("encoder", t.encoder, EncoderLayer), ("decoder", t.decoder, DecoderLayer)):
         layers = []
         for layer in theirs.layers:
-            d_model, h = layer.self_attn.embed_dim, layer.self_attn.num_heads
-            ours = make(d_model, h, layer.linear1.out_features, dropout=layer.dropout.p,
-                        norm_first=layer.norm_first, activation=_activation_name(layer), eps=layer.norm1.eps)
+            if layer.linear1.bias is None or layer.norm1.bias is None:
+                raise ValueError("stacks_from_torch needs linear layers and LayerNorms with biases "
+                                 "(nn.Transformer(bias=True))")
+            ours = make(layer.self_attn.embed_dim, layer.self_attn.num_heads, layer.linear1.out_features,
+                        dropout=layer.dropout.p, norm_first=layer.norm_first, activation=_activation_name(layer),
+                        eps=layer.norm1.eps)
             ours.self_attn = MultiHeadAttention.from_torch(layer.self_attn)
             if kind == "decoder":
                 ours.src_attn = MultiHeadAttention.from_torch(layer.multihead_attn)
-            _copy_ffn(ours.feed_forward, layer)
-            norms = (layer.norm1, layer.norm2) + ((layer.norm3,) if kind == "decoder" else ())
-            for sub, norm in zip(ours.sublayer, norms):
-                _copy_norm(sub.norm, norm)
+            copies = [(ours.feed_forward.w_1, layer.linear1), (ours.feed_forward.w_2, layer.linear2)]
+            copies += [(sub.norm, getattr(layer, f"norm{i + 1}")) for i, sub in enumerate(ours.sublayer)]
+            for mine, source in copies:
+                mine.load_state_dict(source.state_dict())
             layers.append(ours)
-        final = None
-        if theirs.norm is not None:
-            final = LayerNorm(theirs.norm.normalized_shape[0], theirs.norm.eps)
-            _copy_norm(final, theirs.norm)
+        final = None if theirs.norm is None else LayerNorm(theirs.norm.normalized_shape[0], theirs.norm.eps)
+        if final is not None:
+            final.load_state_dict(theirs.norm.state_dict())
         stacks[kind] = (Encoder if kind == "encoder" else Decoder)(layers, final)
     return nn.ModuleDict(stacks).to(next(t.parameters()).device)

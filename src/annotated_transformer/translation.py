@@ -16,7 +16,8 @@ from annotated_transformer.data import (BOS_IDX, EOS_IDX, PAD_IDX, _check_specia
                                         decode_ids, encode_sentences, load_tokenizer)
 from annotated_transformer.model import Transformer, make_model
 from annotated_transformer.runtime import data_dir, resolve_device
-from annotated_transformer.train import Batch, atomic_save, batch_by_tokens
+from annotated_transformer.checkpoint import atomic_save
+from annotated_transformer.train import Batch, batch_by_tokens
 
 CHECKPOINT_FORMAT = "annotated_transformer.translate/1"  # the file format's name: older checkpoints still load
 
