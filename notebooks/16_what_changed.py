@@ -1018,10 +1018,52 @@ glue("full_width", SIZES["full"]["model"]["d_model"])
 # notebooks/16_what_changed.py profile=full device=cuda` on a GPU). The cell below shows that record
 # where one exists; the test file recomputes its BLEU from the stored translations.
 
+# %% [markdown]
+# ### Longer than anything seen in training
+#
+# Where the position methods differ most is past the training lengths. RoPE and ALiBi only ever see
+# offsets, so a model trained on short sentences has met every offset a longer sentence starts with;
+# a learned table has rows it never trained for past the longest training sentence, and the sinusoidal
+# table has values there that training never fed through the network. The test: train each position
+# method on the pairs of at most {glue:text}`ex_max` tokens a side, then score the test set by source
+# length, in buckets up to the longest test sentence.
+
+# %%
+EX = {"quick": dict(max_pair=8, n_test=32), "full": dict(max_pair=20, n_test=None)}[profile]
+short = [i for i, (s_, t_) in enumerate(zip(src, tgt)) if max(len(s_), len(t_)) <= EX["max_pair"]]
+get_short = token_batches([src[i] for i in short], [tgt[i] for i in short], S["tokens"], seed=seed)
+ex_pairs = test[:EX["n_test"]]
+ex_len = [len(ids) for ids in encode_sentences(tokenizer, [de for de, _ in ex_pairs])]   # tokens, </s> included
+edges = [EX["max_pair"], 2 * EX["max_pair"], max(ex_len)]
+buckets = [(lo + 1, hi) for lo, hi in zip([0] + edges[:-1], edges)
+           if hi > lo and any(lo < n <= hi for n in ex_len)]                   # the buckets that hold sentences
+extrapolation = []
+for name, positions in (("sinusoidal (2017)", "sinusoidal"), ("learned", "learned"), ("RoPE", "rope"),
+                        ("ALiBi", "alibi")):
+    torch.manual_seed(seed)
+    model = make_variant_model(tokenizer.get_vocab_size(), **S["model"], positions=positions, norm_first=True,
+                               max_len=256)
+    fit(model, get_short, cfg, device=device, progress=False)
+    hyps = translate_greedy(model, tokenizer, [de for de, _ in ex_pairs], extra_len=S["extra_len"])
+    row = dict(name=name, positions=positions, test_hypotheses=hyps, bleu_by_length={})
+    for lo, hi in buckets:
+        idx = [i for i, n in enumerate(ex_len) if lo <= n <= hi]
+        score = corpus_scores([hyps[i] for i in idx], [ex_pairs[i][1] for i in idx])
+        row["bleu_by_length"][f"{lo}-{hi}"] = dict(sentences=len(idx), bleu=round(score["bleu"], 2))
+    extrapolation.append(row)
+print(f"trained on {len(short):,} pairs of <= {EX['max_pair']} tokens a side; greedy BLEU by source length "
+      f"(tokens) on {len(ex_pairs)} test sentences" + (" (QUICK PROFILE: noise, not a ranking)" if profile == "quick" else ""))
+print(f"{'':20s}" + "".join(f"{f'{lo}-{hi} ({sum(lo <= n <= hi for n in ex_len)})':>16s}" for lo, hi in buckets))
+for row in extrapolation:
+    print(f"{row['name']:20s}" + "".join(f"{b['bleu']:16.2f}" for b in row["bleu_by_length"].values()))
+glue("ex_max", EX["max_pair"])
+
 # %%
 record = dict(profile=profile, device=str(device), seed=seed, torch=torch.__version__, sizes=S,
               device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
-              test_sentences=len(test_pairs), rows=results)
+              test_sentences=len(test_pairs), rows=results,
+              extrapolation=dict(max_pair=EX["max_pair"], buckets=[f"{lo}-{hi}" for lo, hi in buckets],
+                                 test_sentences=len(ex_pairs), rows=extrapolation))
 if profile == "full":
     out = Path(repo_root()) / "results" / f"variants-{device.type}.json"
     out.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
