@@ -89,7 +89,7 @@ from annotated_transformer.runtime import repo_root
 # mixed into the very vector that carries the content. Three answers followed:
 #
 # - **Learned absolute positions** (BERT {cite}`devlin2019bert`, GPT-2 {cite}`radford2019language`): a
-#   table of $\text{max\_len} \times d_\text{model}$ parameters added like the sinusoids and learned like
+#   table of `max_len` × $d_\text{model}$ parameters added like the sinusoids and learned like
 #   word embeddings. The paper tried it and found it as good (its Table 3, row E); its weakness is that a
 #   position past the table has no row at all.
 # - **Rotary position embedding**, RoPE {cite}`su2021roformer`: rotate queries and keys, after the
