@@ -63,7 +63,7 @@ _EXPORTS = {
     'load_translator': 'translation',
     'load_pretrained_encoder': 'pretrained',
 }
-_MODULES = ('weighted_average', 'attention', 'multihead', 'positional', 'norm', 'residual', 'model', 'train', 'checkpoint', 'decoding', 'data', 'translation', 'pretrained', 'captions', 'retrieval', 'variants', 'lm', 'runtime')
+_MODULES = ('weighted_average', 'attention', 'multihead', 'positional', 'norm', 'residual', 'model', 'train', 'checkpoint', 'decoding', 'data', 'translation', 'pretrained', 'captions', 'retrieval', 'ablations', 'variants', 'lm', 'runtime')
 _ELSEWHERE = {  # public, but not at the top level
     'parameter_free_attention': 'weighted_average',
     'QKVProjection': 'weighted_average',
@@ -148,6 +148,15 @@ _ELSEWHERE = {  # public, but not at the top level
     'evaluate_retrieval': 'retrieval',
     'train_contrastive': 'retrieval',
     'compare_transfer': 'retrieval',
+    'ABLATION_SIZES': 'ablations',
+    'ablation_rows': 'ablations',
+    'prepare': 'ablations',
+    'val_loss': 'ablations',
+    'train_one': 'ablations',
+    'train_run': 'ablations',
+    'run_parallel': 'ablations',
+    'verdict': 'ablations',
+    'run_ablations': 'ablations',
     'rope_frequencies': 'variants',
     'apply_rope': 'variants',
     'alibi_slopes': 'variants',
