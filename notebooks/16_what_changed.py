@@ -94,7 +94,7 @@ from annotated_transformer.runtime import repo_root
 #   position past the table has no row at all.
 # - **Rotary position embedding**, RoPE {cite}`su2021roformer`: rotate queries and keys, after the
 #   projections, by their position. Most open language models since 2023 use it.
-# - **ALiBi** (Press, Smith and Lewis, 2022): add nothing to the vectors; subtract from each score a
+# - **ALiBi** {cite}`press2022train`: add nothing to the vectors; subtract from each score a
 #   penalty proportional to the distance between query and key.
 #
 # ### RoPE is chapter 4's $T_k$, moved inside attention
@@ -325,7 +325,7 @@ class NoPositionalEncoding(nn.Module):
 # ### RMSNorm
 #
 # Chapter 5's LayerNorm centres each token and divides by its standard deviation,
-# $\gamma \odot (x - \mu)/\sqrt{\sigma^2 + \epsilon} + \beta$. Zhang and Sennrich (2019) argued that the
+# $\gamma \odot (x - \mu)/\sqrt{\sigma^2 + \epsilon} + \beta$. Zhang and Sennrich {cite}`zhang2019root` argued that the
 # re-scaling is what stabilises training and the re-centring contributes little, and dropped it together
 # with $\beta$:
 #
@@ -421,7 +421,7 @@ glue("rms_formula_ratio", norm_ms["RMSNorm, formula"] / norm_ms["LayerNorm, form
 #
 # The score $q \cdot k / \sqrt{d_k}$ grows with the norms of $q = xW^Q$ and $k = xW^K$, and nothing in the
 # block bounds those: as $W^Q$ and $W^K$ grow during training, the softmax of each row turns into a
-# one-hot vector, its gradient vanishes, and training can diverge. Dehghani et al. (2023) met exactly
+# one-hot vector, its gradient vanishes, and training can diverge. Dehghani et al. {cite}`dehghani2023scaling` met exactly
 # this when scaling a vision Transformer up to ViT-22B and fixed it by normalising queries and
 # keys, head by head, before the product: **QK-norm**, now also used by OLMo 2, Qwen 3 and Gemma 3. With
 # $\hat q = \mathrm{RMSNorm}(q)$ and $\hat k = \mathrm{RMSNorm}(k)$ over the $d_k$ features of a head, both
@@ -450,9 +450,9 @@ for c in (1, 4, 16):
 # ## Feed-forward: GELU and SwiGLU
 #
 # The paper's feed-forward network is $\max(0, xW_1 + b_1)W_2 + b_2$. BERT and GPT-2 replaced the ReLU
-# with the GELU of Hendrycks and Gimpel (2016), $\mathrm{GELU}(x) = x\,\Phi(x)$ with $\Phi$ the standard
+# with the GELU of Hendrycks and Gimpel {cite}`hendrycks2016gaussian`, $\mathrm{GELU}(x) = x\,\Phi(x)$ with $\Phi$ the standard
 # normal's distribution function: smooth, and letting small negative inputs through with a small
-# negative output instead of a hard zero. Shazeer (2020) then replaced the unit itself with a *gated*
+# negative output instead of a hard zero. Shazeer {cite}`shazeer2020glu` then replaced the unit itself with a *gated*
 # one, in which one projection decides, feature by feature, how much of another passes:
 #
 # $$\mathrm{FFN}_\mathrm{SwiGLU}(x) = \big(\mathrm{Swish}(xW_1) \odot xW_3\big)\,W_2, \qquad
@@ -533,8 +533,8 @@ print("module == formula:", torch.allclose(ffn(x), swiglu(x, ffn.w_1.weight.T, f
 # long contexts and large batches the cache outgrows the weights, and reading it at every step is what
 # bounds decoding speed.
 #
-# Shazeer (2019) let all $h$ query heads share **one** key head and one value head (**multi-query
-# attention**, MQA): the cache shrinks by a factor $h$, at some cost in quality. Ainslie et al. (2023)
+# Shazeer {cite}`shazeer2019fast` let all $h$ query heads share **one** key head and one value head (**multi-query
+# attention**, MQA): the cache shrinks by a factor $h$, at some cost in quality. Ainslie et al. {cite}`ainslie2023gqa`
 # interpolated: $g$ key/value heads, each shared by a group of $h/g$ query heads (**grouped-query
 # attention**, GQA). $g = h$ is the paper's multi-head attention and $g = 1$ is MQA. Per token, a cache
 # then holds

@@ -130,6 +130,13 @@ def ablate(base_model, base_train, change, get_batch, vocab, seed):
 # have exactly the parameters of the base model. Two rows change the parameter count, and say so in the
 # table below: separate embeddings add two vocabulary-sized matrices, and post-LN drops the final
 # normalisation that a pre-LN stack needs.
+#
+# The base is chapter 10's full-profile model: pre-LN, as every model in this book names, because
+# Xiong et al. {cite}`xiong2020layer` showed that moving the normalisation in front of each sub-layer lets
+# a Transformer train without the warm-up that the paper's post-LN arrangement needs. The warm-up rows
+# and the post-LN row test that claim here. Label smoothing is Szegedy et al.'s
+# {cite}`szegedy2016rethinking`; the three-way tying of the embeddings and the output layer is Press and
+# Wolf's {cite}`press2017using`.
 
 # %% tags=["hide-input"]
 #| default_exp ablations
