@@ -19,7 +19,8 @@ from annotated_transformer.model import count_parameters
 from annotated_transformer.multihead import MultiHeadAttention
 from annotated_transformer.positional import _frequencies, offset_matrix
 from annotated_transformer.residual import PositionwiseFeedForward
-from annotated_transformer.variants import (GroupedQueryAttention, LearnedPositionalEmbedding, NoPositionalEncoding,
+from annotated_transformer.variants import (GQACache, GroupedQueryAttention, LearnedPositionalEmbedding,
+                                            NoPositionalEncoding,
                                             RMSNorm, SwiGLU, alibi_bias, alibi_slopes, apply_rope,
                                             kv_cache_bytes_per_token, make_variant_model, rope_frequencies,
                                             swiglu_d_ff, translate_greedy)
@@ -415,6 +416,42 @@ def test_a_model_with_every_change_learns_and_translates(tokenizer):
     assert translate_greedy(model, tokenizer, GERMAN[::-1]) == ENGLISH[::-1]
     with pytest.raises(TypeError, match="list of sentences"):
         translate_greedy(model, tokenizer, GERMAN[0])
+
+
+# --------------------------------------------------------------------------- decoding with a cache
+@pytest.mark.parametrize("positions", [None, "rope", "alibi"])
+@pytest.mark.parametrize("g", [8, 2, 1])
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_cached_steps_equal_one_causal_pass(positions, g, qk_norm):
+    from annotated_transformer.attention import causal_mask
+
+    torch.manual_seed(0)
+    attn = GroupedQueryAttention(64, 8, n_kv_heads=g, positions=positions, qk_norm=qk_norm).eval()
+    xs = torch.randn(3, 11, 64)
+    cache = GQACache(attn, batch=3, capacity=16)
+    with torch.no_grad():
+        stepped = torch.cat([attn.step(xs[:, t:t + 1], cache) for t in range(11)], dim=1)
+        full = attn(xs, xs, xs, causal_mask(11)[None, None])[0]
+    assert cache.length == 11
+    torch.testing.assert_close(stepped, full, atol=1e-5, rtol=1e-5)
+
+
+def test_the_cache_measures_the_formula_and_refuses_misuse():
+    attn = GroupedQueryAttention(64, 8, n_kv_heads=2)
+    cache = GQACache(attn, batch=2, capacity=2)
+    assert cache.k.shape == (2, 2, 2, 8)
+    assert cache.bytes_per_token() == kv_cache_bytes_per_token(1, 64, 8, 2, bytes_per_value=4)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="one token a row"):
+            attn.step(torch.randn(2, 3, 64), cache)
+        with pytest.raises(ValueError, match="x has 1 rows, the cache 2"):
+            attn.step(torch.randn(1, 1, 64), cache)
+        attn.step(torch.randn(2, 1, 64), cache)
+        attn.step(torch.randn(2, 1, 64), cache)
+        with pytest.raises(ValueError, match="the cache is full"):
+            attn.step(torch.randn(2, 1, 64), cache)
+    with pytest.raises(ValueError, match="capacity"):
+        GQACache(attn, 2, 0)
 
 
 # --------------------------------------------------------------------------- the recorded full runs

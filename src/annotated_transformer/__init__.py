@@ -167,6 +167,7 @@ _ELSEWHERE = {  # public, but not at the top level
     'swiglu_d_ff': 'variants',
     'SwiGLU': 'variants',
     'GroupedQueryAttention': 'variants',
+    'GQACache': 'variants',
     'kv_cache_bytes_per_token': 'variants',
     'POSITIONS': 'variants',
     'NORMS': 'variants',

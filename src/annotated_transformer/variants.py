@@ -3,7 +3,7 @@
 """What later Transformers changed (chapter 16): rotary, ALiBi and learned positions, RMSNorm and QK-norm,
 SwiGLU, grouped-query attention, and make_variant_model, chapter 10's encoder-decoder with parts swapped."""
 
-__all__ = ['rope_frequencies', 'apply_rope', 'alibi_slopes', 'alibi_bias', 'LearnedPositionalEmbedding', 'NoPositionalEncoding', 'RMSNorm', 'swiglu_d_ff', 'SwiGLU', 'GroupedQueryAttention', 'kv_cache_bytes_per_token', 'POSITIONS', 'NORMS', 'FFNS', 'make_variant_model', 'translate_greedy']
+__all__ = ['rope_frequencies', 'apply_rope', 'alibi_slopes', 'alibi_bias', 'LearnedPositionalEmbedding', 'NoPositionalEncoding', 'RMSNorm', 'swiglu_d_ff', 'SwiGLU', 'GroupedQueryAttention', 'GQACache', 'kv_cache_bytes_per_token', 'POSITIONS', 'NORMS', 'FFNS', 'make_variant_model', 'translate_greedy']
 
 import math
 from numbers import Integral, Real
@@ -277,9 +277,51 @@ class GroupedQueryAttention(nn.Module):
         out = out.transpose(1, 2).reshape(query.size(0), q_len, self.d_model)
         return self.w_o(out), weights            # (batch, q_len, d_model), (batch, h, q_len, k_len) or None
 
+    def step(self, x: torch.Tensor, cache: "GQACache") -> torch.Tensor:
+        """Causal self-attention for the newest token x (batch, 1, d_model) with a KV cache: its key and value
+        are written into cache at position cache.length, its query reads positions 0..length. Equal to the
+        last row of forward(xs, xs, xs, causal mask) over all tokens so far, without recomputing them."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.size(1) != 1 or x.size(2) != self.d_model:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"step() takes one token a row, (batch, 1, d_model={self.d_model}), got {shape}")
+        t = cache.length
+        if t >= cache.capacity:
+            raise ValueError(f"the cache is full ({cache.capacity} tokens): make a GQACache with a larger capacity")
+        if x.size(0) != cache.k.size(0):
+            raise ValueError(f"x has {x.size(0)} rows, the cache {cache.k.size(0)}")
+        q, k, v = (self._heads(w(x), n) for w, n in ((self.w_q, self.h), (self.w_k, self.n_kv_heads),
+                                                      (self.w_v, self.n_kv_heads)))   # (batch, heads, 1, d_k)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.positions == "rope":
+            q, k = apply_rope(q, start=t), apply_rope(k, start=t)
+        cache.k[:, :, t:t + 1], cache.v[:, :, t:t + 1] = k, v
+        cache.length = t + 1
+        keys, values = cache.k[:, :, :t + 1], cache.v[:, :, :t + 1]                  # (batch, n_kv, t+1, d_k)
+        bias = alibi_bias(self.h, 1, t + 1, x.device).to(q.dtype) if self.positions == "alibi" else None
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, enable_gqa=self.n_kv_heads != self.h)
+        return self.w_o(out.transpose(1, 2).reshape(x.size(0), 1, self.d_model))         # (batch, 1, d_model)
+
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, h={self.h}, n_kv_heads={self.n_kv_heads}, positions={self.positions}, "
                 f"qk_norm={self.qk_norm}")
+
+
+class GQACache:
+    """The keys and values of one GroupedQueryAttention layer during decoding, allocated once for `capacity`
+    tokens: k, v (batch, n_kv_heads, capacity, d_k); positions 0..length-1 are filled by step()."""
+
+    def __init__(self, attn: GroupedQueryAttention, batch: int, capacity: int, device=None, dtype=None):
+        batch, capacity = _check_int("batch", batch), _check_int("capacity", capacity)
+        p = attn.w_k.weight
+        shape = (batch, attn.n_kv_heads, capacity, attn.d_k)
+        self.k = torch.empty(shape, device=device or p.device, dtype=dtype or p.dtype)
+        self.v = torch.empty_like(self.k)
+        self.capacity, self.length = capacity, 0
+
+    def bytes_per_token(self) -> int:
+        """Bytes the cache holds per token of one sequence: the keys and values of every key/value head."""
+        return (self.k.nbytes + self.v.nbytes) // (self.capacity * self.k.size(0))
 
 
 def kv_cache_bytes_per_token(N: int, d_model: int, h: int, n_kv_heads: int | None = None,
