@@ -1045,8 +1045,12 @@ SIZES = {  # vocabulary; model; training pairs of <= max_pair tokens, tokens a b
     "quick": dict(vocab=2000, model=dict(N=2, d_model=32, h=4, d_ff=96), max_pair=16, tokens=400, steps=30,
                   warmup=15, n_val=200, n_test=32, extra_len=6),
     "full": dict(vocab=8000, model=dict(N=3, d_model=256, h=4, d_ff=768), max_pair=None, tokens=8192, steps=5000,
-                 warmup=1000, n_val=None, n_test=None, extra_len=50)}
-S = SIZES[profile]
+                 warmup=1000, n_val=None, n_test=None, extra_len=50),
+    # the full profile on a CPU: chapter 18's CPU base size (about 8 minutes a run on one core), so the 15 runs
+    # below take about 2 hours
+    "full-cpu": dict(vocab=8000, model=dict(N=2, d_model=128, h=4, d_ff=512), max_pair=None, tokens=1500, steps=500,
+                     warmup=400, n_val=None, n_test=None, extra_len=50)}
+S = SIZES["full-cpu" if profile == "full" and device.type == "cpu" else profile]
 train, val, test = (load_multi30k(split) for split in ("train", "val", "test"))
 tokenizer = train_tokenizer([de for de, _ in train] + [en for _, en in train], S["vocab"])
 src, tgt = encode_sentences(tokenizer, [de for de, _ in train]), encode_sentences(tokenizer, [en for _, en in train], bos=True)
@@ -1107,6 +1111,9 @@ glue("h2h_loop_s", time.perf_counter() - loop_start, ".0f")
 glue("full_steps", SIZES["full"]["steps"], ",d")
 glue("full_tokens", SIZES["full"]["tokens"], ",d")
 glue("full_width", SIZES["full"]["model"]["d_model"])
+glue("cpu_steps", SIZES["full-cpu"]["steps"], ",d")
+glue("cpu_tokens", SIZES["full-cpu"]["tokens"], ",d")
+glue("cpu_width", SIZES["full-cpu"]["model"]["d_model"])
 
 # %% [markdown]
 # The stored run is the quick profile: {glue:text}`h2h_rows` rows, each trained for {glue:text}`h2h_steps`
@@ -1119,9 +1126,11 @@ glue("full_width", SIZES["full"]["model"]["d_model"])
 # a row of $d_\text{model}$ parameters for each of its positions.
 #
 # The full profile trains a model of width {glue:text}`full_width` for {glue:text}`full_steps` steps of
-# about {glue:text}`full_tokens` tokens per row, scores the whole test set, and writes everything, the
-# translations included, to `results/variants-<device>.json` (`python tools/run_plain.py
-# notebooks/16_what_changed.py profile=full device=cuda` on a GPU). The cell below shows that record
+# about {glue:text}`full_tokens` tokens per row on a GPU (on a CPU, width {glue:text}`cpu_width` for
+# {glue:text}`cpu_steps` steps of about {glue:text}`cpu_tokens` tokens, chapter 18's base size), scores the
+# whole test set, and writes everything, the sizes and the translations included, to
+# `results/variants-<device>.json` (`python tools/run_plain.py notebooks/16_what_changed.py profile=full
+# device=cuda`). Rows from different machines are never put in one table. The cell below shows that record
 # where one exists; the test file recomputes its BLEU from the stored translations.
 
 # %% [markdown]
@@ -1169,7 +1178,7 @@ record = dict(profile=profile, device=str(device), seed=seed, torch=torch.__vers
               device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
               test_sentences=len(test_pairs), rows=results,
               extrapolation=dict(max_pair=EX["max_pair"], buckets=[f"{lo}-{hi}" for lo, hi in buckets],
-                                 test_sentences=len(ex_pairs), rows=extrapolation))
+                                 test_sentences=len(ex_pairs), source_lengths=ex_len, rows=extrapolation))
 if profile == "full":
     out = Path(repo_root()) / "results" / f"variants-{device.type}.json"
     out.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")

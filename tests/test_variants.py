@@ -471,3 +471,54 @@ def test_recorded_bleu_recomputes_from_the_recorded_translations(path):
         assert round(scores["chrf"], 2) == row["chrf"], row["name"]
         assert scores["bleu_signature"].split("|version")[0] == row["bleu_signature"].split("|version")[0]
         assert all(row["config"][k] == v for k, v in row["options"].items())
+
+
+@pytest.mark.skipif(not RECORDS, reason="no results/variants-*.json: chapter 16's full profile has not been recorded")
+@pytest.mark.parametrize("path", RECORDS, ids=lambda p: p.name)
+def test_recorded_extrapolation_recomputes_bucket_by_bucket(path):
+    from annotated_transformer.data import corpus_scores, load_multi30k
+
+    ex = json.loads(path.read_text())["extrapolation"]
+    check_extrapolation_record(ex, [en for _, en in load_multi30k("test", download=False)[: ex["test_sentences"]]],
+                               corpus_scores)
+
+
+def check_extrapolation_record(ex, refs, corpus_scores):
+    """Every bucket's BLEU in the length-extrapolation record, recomputed from the stored translations and
+    source lengths; every test sentence in exactly one bucket."""
+    lengths = ex["source_lengths"]
+    assert len(lengths) == ex["test_sentences"] == len(refs)
+    spans = [tuple(map(int, b.split("-"))) for b in ex["buckets"]]
+    assert spans[0][0] == 1 and spans[-1][1] == max(lengths)
+    assert all(sum(lo <= n <= hi for lo, hi in spans) == 1 for n in lengths)
+    assert {row["positions"] for row in ex["rows"]} == {"sinusoidal", "learned", "rope", "alibi"}
+    for row in ex["rows"]:
+        assert len(row["test_hypotheses"]) == len(refs)
+        assert list(row["bleu_by_length"]) == ex["buckets"]
+        for (lo, hi), bucket in zip(spans, row["bleu_by_length"].values()):
+            idx = [i for i, n in enumerate(lengths) if lo <= n <= hi]
+            score = corpus_scores([row["test_hypotheses"][i] for i in idx], [refs[i] for i in idx])
+            assert bucket["sentences"] == len(idx) and bucket["bleu"] == round(score["bleu"], 2), (row["name"], lo, hi)
+
+
+def test_the_extrapolation_check_catches_a_wrong_bucket():
+    from annotated_transformer.data import corpus_scores, load_multi30k
+
+    refs = [en for _, en in load_multi30k("test", download=False)[:12]]
+    lengths = [len(r.split()) + 1 for r in refs]                 # any lengths do; buckets as the chapter makes them
+    buckets = [(1, 12), (13, max(lengths))]
+    rows = []
+    for k, positions in enumerate(("sinusoidal", "learned", "rope", "alibi")):
+        hyps = [" ".join(r.split()[: len(r.split()) - k]) for r in refs]   # four different systems
+        by_length = {}
+        for lo, hi in buckets:
+            idx = [i for i, n in enumerate(lengths) if lo <= n <= hi]
+            by_length[f"{lo}-{hi}"] = dict(sentences=len(idx), bleu=round(corpus_scores(
+                [hyps[i] for i in idx], [refs[i] for i in idx])["bleu"], 2))
+        rows.append(dict(name=positions, positions=positions, test_hypotheses=hyps, bleu_by_length=by_length))
+    ex = dict(max_pair=12, buckets=[f"{lo}-{hi}" for lo, hi in buckets], test_sentences=12, source_lengths=lengths,
+              rows=rows)
+    check_extrapolation_record(ex, refs, corpus_scores)
+    ex["rows"][2]["bleu_by_length"]["13-" + str(max(lengths))]["bleu"] += 0.01
+    with pytest.raises(AssertionError):
+        check_extrapolation_record(ex, refs, corpus_scores)
