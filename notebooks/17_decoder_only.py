@@ -331,8 +331,8 @@ if profile == "quick":
 elif device.type == "cuda":
     cfg = dict(max_train=None, heldout_images=None, vocab_size=4000, steps=4000, max_tokens=8192, lr=1e-3,
                model=dict(N=4, d_model=256, h=4, d_ff=1024, dropout=0.1), new_tokens=200)
-else:  # the full profile on a CPU: the quick model on every caption; the quick run's 0.19 s a step of 1,024
-    # tokens puts each of the two trainings at about 15 minutes on one core
+else:  # the full profile on a CPU: the quick model on every caption (on the 2-core build machine, 2 threads:
+    # 1,500 steps in 227 s, the whole chapter in under 10 minutes)
     cfg = dict(max_train=None, heldout_images=None, vocab_size=4000, steps=1500, max_tokens=2048, lr=2e-3,
                model=dict(N=2, d_model=128, h=4, d_ff=512, dropout=0.1), new_tokens=200)
 train_text, heldout_text = caption_corpus(cfg["max_train"], cfg["heldout_images"], seed)
@@ -532,6 +532,9 @@ def train(model, nll_fn, steps=cfg["steps"]):
     losses, start = [], time.perf_counter()
     for step in range(steps):
         nll, count = nll_fn(model, batch_rows(step))
+        if count == 0:         # nothing in this batch to score (possible for the encoder-decoder below): no update
+            schedule.step()
+            continue
         loss = nll / count
         opt.zero_grad()
         loss.backward()
@@ -743,7 +746,8 @@ for text in prompts:
 # {glue:text}`prompt_tokens` tokens: the *prompt* and the *continuation*. The encoder-decoder of
 # chapter 7 (`make_model`, with the same sizes, the same pre-LN layers and one shared embedding
 # matrix) reads the prompt in its encoder, bidirectionally, and writes the continuation in its decoder,
-# trained on the same batches for the same number of steps. The decoder-only model needs no new
+# trained on the same batches for the same number of steps (a batch whose captions are all too short to
+# split gives it no update; the record counts its updates). The decoder-only model needs no new
 # training: it reads the prompt causally as the start of the row, and its continuation perplexity is
 # its loss on the tokens after the prompt. So is the trigram model's.
 
@@ -758,6 +762,8 @@ encdec = make_model(V, V, max_len=256, norm_first=True, activation="gelu", share
 def encdec_nll(model, rows, skip=P):
     """The encoder reads each row's first `skip` tokens; the decoder is scored on the rest (</s> included)."""
     rows = [r for r in rows if len(r) >= skip + 2]
+    if not rows:                                                           # a batch of captions too short to split
+        return torch.zeros((), device=device), 0
     src = torch.tensor([r[:skip] for r in rows], device=device)             # (batch, skip): no padding
     tgt = pad([[BOS_IDX] + r[skip:] for r in rows])                         # (batch, 1 + longest continuation)
     src_mask, tgt_mask = make_masks(src, tgt[:, :-1], PAD_IDX)
@@ -887,6 +893,7 @@ record = {
     "parameters": {key: params[name] for name, key in keys.items() if name in params},
     "tokens_per_s": {f"{keys[name]}_{'cache' if c else 'no_cache'}": round(v, 1) for (name, c), v in speed.items()},
     "train_loss_first_last": [round(lm_losses[0], 3), round(lm_losses[-1], 3)],
+    "encoder_decoder_updates": len(encdec_losses),     # steps whose batch held a caption long enough to split
     "samples": samples,
 }
 path = (Path(repo_root()) / "results" / f"decoder-only-{device.type}.json" if profile == "full"

@@ -303,6 +303,7 @@ def check_record(record: dict) -> None:
     assert record["perplexity"]["trigram_kn"] == want["trigram_kn"]
     assert record["continuation_perplexity"]["trigram_kn"] == want["continuation_kn"]
     assert record["parameters"] == want["parameters"]
+    assert 0 < record["encoder_decoder_updates"] <= record["steps"]
     prompts = {s["prompt"] for s in record["samples"]}
     settings = {s["setting"] for s in record["samples"]}
     assert len(record["samples"]) == len(prompts) * len(settings) >= 6
