@@ -583,7 +583,8 @@ glue("lm_passes", cfg["steps"] / len(plan), ".2f")
 # has counted every training sentence; the Transformer's {glue:text}`lm_steps` steps amount to
 # {glue:text}`lm_passes` passes over them, and it must *learn* from gradients what the counts give the
 # trigram model at once. The full profile's record, at the end of the chapter, gives both models
-# the whole corpus and the Transformer many passes over it.
+# the whole corpus and the Transformer more steps, and says whether that is enough to pass the trigram
+# model.
 #
 # ## Sampling: temperature, top-k, top-p
 #
@@ -914,6 +915,10 @@ for p in full_runs:
     print(f"{p.name}: {r['device_name']}, {r['steps']} steps in {r['wall_s']['train_decoder_only']:.0f} s,",
           r["config"]["model"], "\n  held-out perplexity:", r["perplexity"], "\n  continuations:",
           r["continuation_perplexity"], "\n  tokens/s:", r["tokens_per_s"], "\n  parameters:", r["parameters"])
+    ppl = r["perplexity"]
+    print(f"  the decoder-only model's held-out perplexity is {ppl['decoder_only'] / ppl['trigram_kn']:.2f} times the "
+          f"trigram model's: {'better' if ppl['decoder_only'] < ppl['trigram_kn'] else 'not yet better'} "
+          f"after {r['steps']} steps of at most {r['config']['max_tokens']:,} tokens")
     print("\n".join(f"  {s['setting']:17s} {s['text']}" for s in r["samples"][:5]))
 if not full_runs:
     print("No results/decoder-only-<device>.json: the full profile has not been run, so this page shows only "
