@@ -106,6 +106,27 @@ def test_label_smoothing_zero_is_nll_and_minimum_is_one_minus_eps():
     assert crit(q.clamp_min(1e-30).log(), torch.tensor([2])).item() == pytest.approx(0.0, abs=1e-6)
 
 
+@pytest.mark.parametrize("smoothing, pad_idx", [(0.1, 0), (0.2, 3), (0.0, 0)])
+def test_label_smoothing_equals_kl_div_against_the_full_target_distribution(smoothing, pad_idx):
+    """The loss never builds q; PyTorch's kl_div against q built in full (target_distribution) gives the
+    same value and the same gradient, at a real vocabulary size, with padding rows in the batch."""
+    torch.manual_seed(2)
+    vocab = 8000
+    crit = LabelSmoothing(vocab, pad_idx=pad_idx, smoothing=smoothing)
+    logits = torch.randn(3, 7, vocab) * 3                                # float32, as the loss computes
+    target = torch.randint(0, vocab, (3, 7))
+    target[0, 4:] = pad_idx
+    target[2, 1] = pad_idx
+    a, b = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    ours = crit(torch.log_softmax(a, -1), target)
+    q = crit.target_distribution(target.reshape(-1))
+    ref = nn.functional.kl_div(torch.log_softmax(b, -1).reshape(-1, vocab), q, reduction="sum")
+    ours.backward(), ref.backward()
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-7)
+    assert a.grad[target == pad_idx].abs().max() == 0                  # padding rows get no gradient
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(vocab=2, pad_idx=0), "at least 3"), (dict(vocab=5, pad_idx=5), "outside"),
     (dict(vocab=5, pad_idx=0, smoothing=1.0), r"\[0, 1\)"),

@@ -100,8 +100,19 @@ class LabelSmoothing(nn.Module):
         # on the device, without a host sync: a CPU raises RuntimeError here, a GPU a device-side assert
         torch._assert_async(((target >= 0) & (target < self.vocab)).all(),
                             f"target ids must lie in [0, {self.vocab}) for a loss over {self.vocab} classes")
-        q = self.target_distribution(target.reshape(-1))
-        return nn.functional.kl_div(logp.reshape(-1, self.vocab).float(), q, reduction="sum")
+        # KL(q || p) = sum_v q_v log q_v - sum_v q_v log p_v. q never needs to exist: its entropy is a
+        # constant, and sum_v q_v log p_v = conf * log p_y + s * (sum_v log p_v - log p_y - log p_pad).
+        # One pass over the logits instead of building and reading a (tokens, vocab) target tensor.
+        logp, target = logp.reshape(-1, self.vocab).float(), target.reshape(-1)
+        logp_y = logp.gather(1, target.unsqueeze(1)).squeeze(1)                # (n,)
+        s, conf = self.smoothing / (self.vocab - 2), self.confidence
+        if s > 0:
+            entropy = -(conf * math.log(conf) + (self.vocab - 2) * s * math.log(s))
+            cross = -(conf * logp_y + s * (logp.sum(1) - logp_y - logp[:, self.pad_idx]))
+            per_token = cross - entropy
+        else:
+            per_token = -logp_y                                                   # eps = 0: the NLL
+        return per_token.masked_fill(target == self.pad_idx, 0.0).sum()          # no boolean indexing: no sync
 
 
 def noam_rate(step: int, d_model: int, warmup: int = 4000, factor: float = 1.0) -> float:
