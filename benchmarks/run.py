@@ -19,10 +19,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils import benchmark
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench, datasheet_peak, machine, matmul_peak_flops, peak_memory, write_json  # noqa: E402
+from common import bench, datasheet_peak, machine, matmul_peak_flops, peak_memory, time_once, write_json  # noqa: E402
 from reference import RefTransformer  # noqa: E402
 
 from annotated_transformer.attention import scaled_dot_product_attention  # noqa: E402
@@ -36,17 +35,18 @@ CONFIGS = {
     "base": dict(N=6, d_model=512, d_ff=2048, h=8),
 }
 PROFILES = {
-    "quick": dict(configs={"small": (32, 32), "base": (8, 32)}, min_time=1.0,
+    # quick: about a minute on one core (what the test suite and the book build run)
+    "quick": dict(configs={"small": (32, 32), "base": (4, 32)}, min_time=0.5, warmup=1,
                   attn_lengths=[128, 256, 512, 1024, 2048], decode_lengths=[64, 256], decode_batch=4,
                   decode_config="small"),
-    "full": dict(configs={"small": (64, 64), "base": (32, 64)}, min_time=5.0,
+    "full": dict(configs={"small": (64, 64), "base": (32, 64)}, min_time=5.0, warmup=2,
                  attn_lengths=[128, 256, 512, 1024, 2048, 4096], decode_lengths=[64, 256], decode_batch=16,
                  decode_config="base"),
     # A GPU at the paper's scale: about 25 k target tokens per step (the paper's batches), bf16 autocast,
     # fused AdamW, and the decoders' CUDA-graph path. Too big for a CPU.
     "gpu": dict(configs={"small": (512, 64), "base": (512, 64)}, min_time=3.0,
                 attn_lengths=[512, 1024, 2048, 4096], decode_lengths=[64, 256], decode_batch=16,
-                decode_config="base"),
+                decode_config="base", warmup=2),
 }
 VOCAB, PAD = 8000, 0
 
@@ -155,16 +155,15 @@ def bench_training(profile: dict, device, peak: dict, compile: bool = False) -> 
         for label, model in models.items():
             model.to(device).train()
             steps[label] = train_step_fn(model, src, tgt, device, amp)
-            for _ in range(2):  # warm-up: allocator, Adam state
+            for _ in range(profile["warmup"]):  # warm-up: allocator, Adam state (made by the first step)
                 steps[label]()
         # Interleave the models, one step each per round, so that drift in the machine's speed (other
         # processes, clocks) lands on all of them alike; the median of each model's steps is reported.
-        # Each step is timed by torch.utils.benchmark (one call per measurement; it synchronises CUDA).
-        timers = {label: benchmark.Timer("step()", globals={"step": step}) for label, step in steps.items()}
+        # A step is long enough that one call is one measurement (time_once synchronises CUDA).
         times = {label: [] for label in steps}
         while min(len(t) for t in times.values()) < 3 or sum(map(sum, times.values())) < profile["min_time"] * len(steps):
-            for label, timer in timers.items():
-                times[label].append(timer.timeit(1).median)
+            for label, step in steps.items():
+                times[label].append(time_once(step, device)[0])
             if len(times["ours"]) >= 50:
                 break
         for label, model in models.items():
@@ -255,12 +254,12 @@ def bench_decoding(profile: dict, device) -> dict:
         for label, kw in variants.items():
             times = []
             with torch.no_grad():
-                tokens[label] = greedy_decode(model, src, n, bos, eos, PAD, **kw)  # the output, for same_tokens
-                timer = benchmark.Timer("decode()", globals={"decode": lambda: greedy_decode(model, src, n, bos, eos,
-                                                                                           PAD, **kw)})
-                # One run is long enough to time at these lengths; repeat only the fast ones.
+                # One run is long enough to time at these lengths (every path was warmed up above);
+                # repeat only the fast ones. The first run's output is kept for same_tokens.
                 while not times or (sum(times) < min(profile["min_time"], 1.0) and len(times) < 5):
-                    times.append(timer.timeit(1).median)
+                    seconds, decoded = time_once(lambda: greedy_decode(model, src, n, bos, eos, PAD, **kw), device)
+                    times.append(seconds)
+                    tokens.setdefault(label, decoded)
             s = sorted(times)[len(times) // 2]
             row[label] = {"s": s, "runs": len(times), "tokens_per_s": profile["decode_batch"] * n / s}
         row["same_tokens"] = all(torch.equal(tokens[label], tokens["no_cache"]) for label in variants)

@@ -20,6 +20,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 import nb  # noqa: E402
 
 PIP = ["-m", "pip", "--disable-pip-version-check", "-q"]
+INSTALL = ["install", "--no-compile"]  # bytecode is written on import, not for all of torch (~20 s saved)
 CELL = (ROOT / "tools" / "bootstrap_cell.txt").read_text()
 
 
@@ -73,8 +74,8 @@ def test_a_chapter_installs_the_package_itself_in_a_fresh_environment(tmp_path):
     py = venv / "bin" / "python"
     torch_spec = os.environ.get("TORCH_SPEC", "torch==2.13.0")
     index = ["--index-url", os.environ["TORCH_INDEX_URL"]] if os.environ.get("TORCH_INDEX_URL") else []
-    _run([py, *PIP, "install", torch_spec, *index], tmp_path, env)
-    _run([py, *PIP, "install", "ipykernel", "nbclient", "nbformat", "matplotlib"], tmp_path, env)
+    _run([py, *PIP, *INSTALL, torch_spec, *index], tmp_path, env)
+    _run([py, *PIP, *INSTALL, "ipykernel", "nbclient", "nbformat", "matplotlib"], tmp_path, env)
     probe = subprocess.run([py, "-c", "import annotated_transformer"], capture_output=True, env=env)
     assert probe.returncode != 0, "the fresh environment already has the package"
 
