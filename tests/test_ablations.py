@@ -131,6 +131,20 @@ def test_worker_processes_give_what_one_process_gives(tiny):
         assert a["val_loss"] == b["val_loss"] and a["test_hypotheses"] == b["test_hypotheses"]
 
 
+def test_worker_processes_work_when_the_code_runs_as_a_notebook_cell(tiny):
+    """The chapter runs the exported cell in a kernel's (or tools/run_plain.py's) __main__, where a spawned
+    worker cannot import a function defined in the cell; the full profile (workers=2) failed this way."""
+    import annotated_transformer.ablations as module
+
+    sizes, tok = tiny
+    cell = {"__name__": "__main__"}
+    exec(compile(Path(module.__file__).read_text(), "<the chapter's export cell>", "exec"), cell)
+    assert cell["train_run"].__module__ == "__main__"
+    (r,) = cell["run_parallel"]([_spec(sizes, tok)], 2, log=lambda line: None)
+    (want,) = run_parallel([_spec(sizes, tok)], 1, log=lambda line: None)
+    assert r["val_loss"] == want["val_loss"] and r["test_hypotheses"] == want["test_hypotheses"]
+
+
 # --------------------------------------------------------------------------- the records
 def _check_record(r):
     from annotated_transformer.data import corpus_scores, load_multi30k

@@ -20,10 +20,10 @@ from annotated_transformer.train import Batch, TrainConfig, fit
 from annotated_transformer.translation import average_states, evaluate, pad_batch, token_batches
 
 ABLATION_SIZES = {  # the base configuration and the grid's values, per profile
-    "quick": dict(vocab=2000, max_pair=16, tokens=400, steps=30, n_val=64, n_test=32, extra_len=6,
+    "quick": dict(vocab=2000, max_pair=16, tokens=400, steps=20, n_val=48, n_test=32, extra_len=6,
                   model=dict(N=2, d_model=32, d_ff=96, h=4, dropout=0.1, norm_first=True,
                              tie_output=True, share_embeddings=True),
-                  train=dict(warmup=10, smoothing=0.1), warmups=(1, 25, 100), heads=(1, 2, 8),
+                  train=dict(warmup=10, smoothing=0.1), warmups=(1, 15, 60), heads=(1, 2, 8),
                   dropouts=(0.0, 0.3), smoothings=(0.0, 0.2), average_last=5, average_every=3,
                   beams=(1, 2, 4), alphas=(0.0, 0.6, 1.0)),
     # sized for the 2-core CPU: one run ~8 minutes on one core (1.07 s a step of 1,750 tokens measured with the
@@ -184,8 +184,11 @@ def run_parallel(specs: list[dict], workers: int = 1, log: Callable[[str], None]
             log(_line(results[-1]))
         return results
     ctx = multiprocessing.get_context("spawn")        # fork would copy this process's threads and CUDA state
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_one_thread) as pool:
-        futures = {pool.submit(train_run, spec): i for i, spec in enumerate(specs)}
+    # A spawned worker finds a function by its module's name. Run from this chapter, the functions above live
+    # in the notebook's __main__, which a worker cannot import: hand it the package's, the same code.
+    from annotated_transformer import ablations as package
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=package._one_thread) as pool:
+        futures = {pool.submit(package.train_run, spec): i for i, spec in enumerate(specs)}
         done = {}
         for future in concurrent.futures.as_completed(futures):
             done[futures[future]] = future.result()
