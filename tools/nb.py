@@ -88,10 +88,22 @@ def chapters() -> list[Path]:
     return out
 
 
+_PARSED: dict = {}
+
+
 def read(path: Path):
+    """The notebook at path (a paired .py or an .ipynb), parsed by jupytext. Parsing is the slow part of every
+    check here (a chapter is read several times over); the parse is kept per file content (path and a
+    hash of its bytes) and each caller gets its own copy, free to change."""
+    import copy
+    import hashlib
+
     import jupytext
 
-    return jupytext.read(path)
+    key = (str(Path(path).resolve()), hashlib.sha256(Path(path).read_bytes()).hexdigest())
+    if key not in _PARSED:
+        _PARSED[key] = jupytext.read(path)
+    return copy.deepcopy(_PARSED[key])
 
 
 # --------------------------------------------------------------------------- export
@@ -607,6 +619,7 @@ def book_env() -> dict:
 def cmd_run(args) -> int:
     from tqdm import tqdm
 
+    todo = select(args.chapters)   # first: a name that matches no chapter is refused in a moment
     stale = export_differences()   # the chapters import the package: it must be what they export
     if stale:
         print("src/ is stale; run `python tools/nb.py export` first:\n  " + "\n  ".join(stale), file=sys.stderr)
@@ -614,7 +627,6 @@ def cmd_run(args) -> int:
 
     device = resolve_device_name(args.device)
     out = Path(args.out)
-    todo = select(args.chapters)
     print(f"executing {len(todo)} chapter(s): profile={args.profile} device={device} seed={args.seed} -> {out}")
     reports = []
     bar = tqdm(todo, unit="chapter", file=sys.stdout, dynamic_ncols=True)
