@@ -21,6 +21,16 @@ import nb  # noqa: E402
 
 PIP = ["-m", "pip", "--disable-pip-version-check", "-q"]
 INSTALL = ["install", "--no-compile"]  # bytecode is written on import, not for all of torch (~20 s saved)
+
+
+def _host_install(py: Path, args: list[str], cwd, env):
+    """Install the host's kernel packages: with uv where this environment has it (scripts/setup installs it;
+    the same packages, resolved in seconds), else with pip. Torch is not installed this way: uv does not read
+    the host's pip configuration (a local CPU wheel) and would fetch the CUDA build. Only the host is made
+    with uv: the chapter's own cell runs pip, as on Colab."""
+    if subprocess.run([sys.executable, "-m", "uv", "--version"], capture_output=True).returncode == 0:
+        return _run([sys.executable, "-m", "uv", "pip", "install", "-q", "--python", py, *args], cwd, env)
+    return _run([py, *PIP, *INSTALL, *args], cwd, env)
 CELL = (ROOT / "tools" / "bootstrap_cell.txt").read_text()
 
 
@@ -51,7 +61,8 @@ notebook = nbformat.read(sys.argv[1], as_version=4)
 NotebookClient(notebook, timeout=600, kernel_name="python3").execute()
 errors = [o for c in notebook.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
 assert not errors, errors
-import annotated_transformer
+import annotated_transformer, torch
+print(torch.__version__)
 print(annotated_transformer.__file__)
 """
 
@@ -60,6 +71,11 @@ print(annotated_transformer.__file__)
 def test_a_chapter_installs_the_package_itself_in_a_fresh_environment(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
     env["OMP_NUM_THREADS"] = "1"
+    # Bytecode written on import (some machines set PYTHONDONTWRITEBYTECODE, and then every process in the
+    # host compiles torch again), none written by pip for everything it installs (PIP_COMPILE=false is
+    # --no-compile; the spelling PIP_NO_COMPILE=1 would turn compiling *on*): what the cell does is unchanged.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PIP_COMPILE"] = "false"
     # a copy of what the package is built from (the shared checkout gets no build/ or egg-info)
     tree = tmp_path / "tree"
     tree.mkdir()
@@ -75,7 +91,7 @@ def test_a_chapter_installs_the_package_itself_in_a_fresh_environment(tmp_path):
     torch_spec = os.environ.get("TORCH_SPEC", "torch==2.13.0")
     index = ["--index-url", os.environ["TORCH_INDEX_URL"]] if os.environ.get("TORCH_INDEX_URL") else []
     _run([py, *PIP, *INSTALL, torch_spec, *index], tmp_path, env)
-    _run([py, *PIP, *INSTALL, "ipykernel", "nbclient", "nbformat", "matplotlib"], tmp_path, env)
+    _host_install(py, ["ipykernel", "nbclient", "nbformat", "matplotlib"], tmp_path, env)
     probe = subprocess.run([py, "-c", "import annotated_transformer"], capture_output=True, env=env)
     assert probe.returncode != 0, "the fresh environment already has the package"
 
@@ -84,7 +100,7 @@ def test_a_chapter_installs_the_package_itself_in_a_fresh_environment(tmp_path):
     work.mkdir()
     chapter = shutil.copy2(ROOT / "notebooks" / "04_positional_encoding.ipynb", work)
     out = _run([py, "-c", EXECUTE, chapter], work, env)
-    installed = Path(out.strip().splitlines()[-1]).resolve()
+    torch_after, installed = out.strip().splitlines()[-2:]
+    installed = Path(installed).resolve()
     assert venv.resolve() in installed.parents, installed
-    torch_after = _run([py, "-c", "import torch; print(torch.__version__)"], work, env).strip()
     assert torch_after.startswith(torch_spec.split("==")[-1]), f"the cell replaced torch: {torch_after}"
