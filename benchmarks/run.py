@@ -36,7 +36,7 @@ CONFIGS = {
 }
 PROFILES = {
     # quick: about a minute on one core (what the test suite and the book build run)
-    "quick": dict(configs={"small": (32, 32), "base": (4, 32)}, min_time=0.5, warmup=1,
+    "quick": dict(configs={"small": (16, 32), "base": (2, 32)}, min_time=0.5, warmup=1,
                   attn_lengths=[128, 256, 512, 1024, 2048], decode_lengths=[64, 256], decode_batch=4,
                   decode_config="small"),
     "full": dict(configs={"small": (64, 64), "base": (32, 64)}, min_time=5.0, warmup=2,
