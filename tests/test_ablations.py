@@ -121,28 +121,22 @@ def test_averaging_one_checkpoint_gives_the_final_weights(tiny):
     assert all(torch.equal(kept[sizes["steps"]][k], v) for k, v in model.state_dict().items())
 
 
-def test_worker_processes_give_what_one_process_gives(tiny):
-    sizes, tok = tiny
-    specs = [_spec(sizes, tok), _spec(sizes, tok, "h = 1", {"h": 1}, seed=1)]
-    here = run_parallel(specs, 1, log=lambda line: None)
-    there = run_parallel(specs, 2, log=lambda line: None)
-    for a, b in zip(here, there):
-        assert (a["name"], a["seed"]) == (b["name"], b["seed"])
-        assert a["val_loss"] == b["val_loss"] and a["test_hypotheses"] == b["test_hypotheses"]
-
-
-def test_worker_processes_work_when_the_code_runs_as_a_notebook_cell(tiny):
-    """The chapter runs the exported cell in a kernel's (or tools/run_plain.py's) __main__, where a spawned
-    worker cannot import a function defined in the cell; the full profile (workers=2) failed this way."""
+def test_worker_processes_give_what_one_process_gives_also_from_a_notebook_cell(tiny):
+    """Two runs in two spawned workers equal the same runs in this process. The parallel side runs the exported
+    code as the chapter does, as a cell in a kernel's (or tools/run_plain.py's) __main__, where a worker cannot
+    import a function defined in the cell: the full profile (workers=2) once failed that way."""
     import annotated_transformer.ablations as module
 
     sizes, tok = tiny
+    specs = [_spec(sizes, tok), _spec(sizes, tok, "h = 1", {"h": 1}, seed=1)]
     cell = {"__name__": "__main__"}
     exec(compile(Path(module.__file__).read_text(), "<the chapter's export cell>", "exec"), cell)
     assert cell["train_run"].__module__ == "__main__"
-    (r,) = cell["run_parallel"]([_spec(sizes, tok)], 2, log=lambda line: None)
-    (want,) = run_parallel([_spec(sizes, tok)], 1, log=lambda line: None)
-    assert r["val_loss"] == want["val_loss"] and r["test_hypotheses"] == want["test_hypotheses"]
+    here = run_parallel(specs, 1, log=lambda line: None)
+    there = cell["run_parallel"](specs, 2, log=lambda line: None)
+    for a, b in zip(here, there):
+        assert (a["name"], a["seed"]) == (b["name"], b["seed"])
+        assert a["val_loss"] == b["val_loss"] and a["test_hypotheses"] == b["test_hypotheses"]
 
 
 # --------------------------------------------------------------------------- the records
