@@ -21,7 +21,7 @@ NOT_UNIT = {  # in a unit file, but runs a chapter, a subprocess or a training r
     "test_two_processes_equal_one_process_on_the_combined_batch",  # torchrun-style subprocesses
     "test_python_dash_m_runs", "test_concurrent_saves_to_one_path", "test_without_tokenizers_the_cli_names_the_extra",
     "test_quick_record_recomputes", "test_a_wrong_record_fails_the_check",  # test_lm: a training run each
-    "test_worker_processes_give_what_one_process_gives",  # test_ablations: spawned processes, training runs
+    "test_worker_processes_give_what_one_process_gives_also_from_a_notebook_cell",  # test_ablations: spawned processes, training runs
     "test_one_run_scores_what_it_stores", "test_averaging_one_checkpoint_gives_the_final_weights",
 }
 

@@ -18,6 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 import nb  # noqa: E402
+from fresh_env import has_uv, make_venv  # noqa: E402
 
 PIP = ["-m", "pip", "--disable-pip-version-check", "-q"]
 INSTALL = ["install", "--no-compile"]  # bytecode is written on import, not for all of torch (~20 s saved)
@@ -28,7 +29,7 @@ def _host_install(py: Path, args: list[str], cwd, env):
     the same packages, resolved in seconds), else with pip. Torch is not installed this way: uv does not read
     the host's pip configuration (a local CPU wheel) and would fetch the CUDA build. Only the host is made
     with uv: the chapter's own cell runs pip, as on Colab."""
-    if subprocess.run([sys.executable, "-m", "uv", "--version"], capture_output=True).returncode == 0:
+    if has_uv():
         return _run([sys.executable, "-m", "uv", "pip", "install", "-q", "--python", py, *args], cwd, env)
     return _run([py, *PIP, *INSTALL, *args], cwd, env)
 CELL = (ROOT / "tools" / "bootstrap_cell.txt").read_text()
@@ -86,8 +87,7 @@ def test_a_chapter_installs_the_package_itself_in_a_fresh_environment(tmp_path):
 
     # the host: torch as scripts/setup pins it, a kernel, matplotlib; not this package
     venv = tmp_path / "venv"
-    _run([sys.executable, "-m", "venv", venv], tmp_path, env)
-    py = venv / "bin" / "python"
+    py = make_venv(venv, env)
     torch_spec = os.environ.get("TORCH_SPEC", "torch==2.13.0")
     index = ["--index-url", os.environ["TORCH_INDEX_URL"]] if os.environ.get("TORCH_INDEX_URL") else []
     _run([py, *PIP, *INSTALL, torch_spec, *index], tmp_path, env)

@@ -13,6 +13,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+from fresh_env import make_venv
+
 ROOT = Path(__file__).resolve().parents[1]
 PIP = ["-m", "pip", "--disable-pip-version-check", "-q"]
 INSTALL = ["install", "--no-compile"]  # bytecode is written on import, not for all of torch (~20 s saved)
@@ -51,8 +53,7 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
 
     # 3. a fresh environment outside the checkout: torch pinned as scripts/setup does, then the wheel
     venv = tmp_path / "venv"
-    _run([sys.executable, "-m", "venv", venv], tmp_path, env)
-    py = venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    py = make_venv(venv, env)
     torch_spec = os.environ.get("TORCH_SPEC", "torch==2.13.0")
     index = ["--index-url", os.environ["TORCH_INDEX_URL"]] if os.environ.get("TORCH_INDEX_URL") else []
     _run([py, *PIP, *INSTALL, torch_spec, *index], tmp_path, env, timeout=600)
