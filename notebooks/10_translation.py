@@ -1211,8 +1211,9 @@ glue("test_bleu_floor", floor, ".2f")
 # *before* each sublayer (pre-LN). The [model chapter](07_the_transformer.ipynb) showed both are the
 # same modules in another order. What the order does to a real run is a question for several seeds at
 # equal budget, which is how [chapter 18](18_ablations.ipynb) asks it: its base configuration is a
-# smaller pre-LN model of this chapter's kind, trained three times with three seeds, and its post-LN
-# row is the same configuration, data, steps and learning-rate schedule with `norm_first=False`. This
+# small pre-LN model of this chapter's kind (its size is in the output below), trained three times with
+# three seeds, and its post-LN row is the same configuration, data, steps and learning-rate schedule
+# with `norm_first=False`. This
 # cell reads that chapter's full-profile record (a run here can add its own post-LN model at this
 # chapter's budget with `compare_post_ln=True`, which doubles the training time).
 

@@ -1042,8 +1042,8 @@ from annotated_transformer.train import Batch, TrainConfig, fit
 from annotated_transformer.translation import pad_batch, token_batches
 
 SIZES = {  # vocabulary; model; training pairs of <= max_pair tokens, tokens a batch, steps; sentences scored
-    "quick": dict(vocab=2000, model=dict(N=2, d_model=32, h=4, d_ff=96), max_pair=16, tokens=400, steps=30,
-                  warmup=15, n_val=200, n_test=32, extra_len=6),
+    "quick": dict(vocab=2000, model=dict(N=2, d_model=32, h=4, d_ff=96), max_pair=16, tokens=400, steps=20,
+                  warmup=10, n_val=200, n_test=32, extra_len=6),
     "full": dict(vocab=8000, model=dict(N=3, d_model=256, h=4, d_ff=768), max_pair=None, tokens=8192, steps=5000,
                  warmup=1000, n_val=None, n_test=None, extra_len=50),
     # the full profile on a CPU: chapter 18's CPU base size (about 8 minutes a run on one core), so the 15 runs

@@ -26,8 +26,8 @@ ABLATION_SIZES = {  # the base configuration and the grid's values, per profile
                   train=dict(warmup=10, smoothing=0.1), warmups=(1, 15, 60), heads=(1, 2, 8),
                   dropouts=(0.0, 0.3), smoothings=(0.0, 0.2), average_last=5, average_every=3,
                   beams=(1, 2, 4), alphas=(0.0, 0.6, 1.0)),
-    # sized for the 2-core CPU: one run ~8 minutes on one core (1.07 s a step of 1,750 tokens measured with the
-    # other core busy), about 26 runs with the band's extra seeds: ~2 hours with workers=2
+    # sized for the 2-core CPU: one run ~8 minutes on one core with the other core busy; the recorded run
+    # (results/ablations-cpu.json) made 21 runs, the band's extra seeds included, in 91 minutes with workers=2
     "full": dict(vocab=8000, max_pair=None, tokens=1500, steps=500, n_val=None, n_test=None, extra_len=50,
                  model=dict(N=2, d_model=128, d_ff=512, h=4, dropout=0.1, norm_first=True,
                             tie_output=True, share_embeddings=True),
