@@ -1036,7 +1036,7 @@ RUNS = {
     "full-cpu": dict(model_args=dict(N=3, d_model=256, d_ff=1024, h=4, dropout=0.1, norm_first=True),
                      train=(None, 3000, 20_000, 600, 500), budget=100, eval=(None, None)),
     "quick": dict(model_args=dict(N=2, d_model=128, d_ff=512, h=4, dropout=0.1, norm_first=True),
-                  train=(16, 1000, 200, 80, 50), budget=None, eval=(100, 200)),
+                  train=(16, 1000, 160, 80, 40), budget=None, eval=(100, 100)),
 }
 run_name = "speedrun" if speedrun else ("quick" if profile == "quick" else f"full-{device.type}")
 run = RUNS[run_name]

@@ -1006,7 +1006,7 @@ print("same weights after 3 steps:", all(torch.allclose(p, q) for p, q in zip(tw
 # pretraining rate {cite}`devlin2019bert` for (b), which has nothing to lose.
 
 # %% tags=["nbval-check-output"]
-quick_budget, quick_images = TransferBudget(steps=12, batch_size=16, max_len=32, eval_every=6, warmup=3), 40
+quick_budget, quick_images = TransferBudget(steps=8, batch_size=16, max_len=32, eval_every=4, warmup=2), 40
 full_budget = TransferBudget(steps=2000, batch_size=64, max_len=64, eval_every=200, warmup=200)  # all images
 budget, eval_images = (quick_budget, quick_images) if profile == "quick" else (full_budget, None)
 torch.backends.cuda.matmul.allow_tf32 = profile == "full"  # tensor cores for float32 products (a GPU's)

@@ -326,7 +326,7 @@ def caption_corpus(max_train: int | None = None, heldout_images: int | None = No
 
 # %%
 if profile == "quick":
-    cfg = dict(max_train=20_000, heldout_images=200, vocab_size=2000, steps=150, max_tokens=1024, lr=3e-3,
+    cfg = dict(max_train=20_000, heldout_images=200, vocab_size=2000, steps=100, max_tokens=1024, lr=3e-3,
                model=dict(N=2, d_model=128, h=4, d_ff=512, dropout=0.1), new_tokens=48)
 elif device.type == "cuda":
     cfg = dict(max_train=None, heldout_images=None, vocab_size=4000, steps=4000, max_tokens=8192, lr=1e-3,
