@@ -578,7 +578,7 @@ for path in recorded:
           f"{len(r['runs'])} runs in {r['wall_s'] / 60:.0f} min ({r['workers']} at once)")
     for name, row in r["rows"].items():
         print(f"  {name:24s} val BLEU {sum(row['val_bleu']) / len(row['val_bleu']):5.2f} "
-              f"({len(row['seeds'])} seeds)  {row['verdict']}")
+              f"({len(row['seeds'])} seed{'s' if len(row['seeds']) > 1 else ''})  {row['verdict']}")
 if not recorded:
     print("No full-profile record yet (results/ablations-<device>.json): at the quick profile's size the rows "
           "above measure nothing.")
