@@ -1,4 +1,5 @@
 """A fresh virtual environment for the tests that install something into one (test_wheel, test_bootstrap)."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,12 +15,11 @@ def make_venv(path: Path, env: dict) -> Path:
 
     `python -m venv` installs pip from the interpreter's bundled wheel and byte-compiles all of it (about
     6 s on one core); with uv, the venv is made without pip and uv installs pip (about 1 s)."""
+    py = path / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
     if has_uv():
         subprocess.run([sys.executable, "-m", "venv", "--without-pip", path], check=True, env=env)
-        py = path / "bin" / "python"
         subprocess.run([sys.executable, "-m", "uv", "pip", "install", "-q", "--python", py, "pip"], check=True, env=env,
                        capture_output=True)
     else:
         subprocess.run([sys.executable, "-m", "venv", path], check=True, env=env)
-        py = path / "bin" / "python"
     return py
